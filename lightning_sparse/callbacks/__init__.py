@@ -1,0 +1,6 @@
+"""Compression techniques as Lightning callbacks."""
+
+from lightning_sparse.callbacks.base import CompressionCallback
+from lightning_sparse.callbacks.pruning import ConstantPruning, MagnitudePruning
+
+__all__ = ["CompressionCallback", "ConstantPruning", "MagnitudePruning"]

@@ -1,0 +1,393 @@
+"""Pruning callbacks: gradual magnitude pruning and holding the zeros a model already has.
+
+Masks live in the callback, never in the model: parameters keep their names (a pruned checkpoint
+loads into the plain model with ``strict=True``) and the forward pass costs nothing extra.
+Instead of re-parametrising each weight as ``weight_orig * weight_mask`` the callback zeroes the
+gradients of pruned weights before every optimizer step and re-zeroes the weights after it, so
+momentum or weight decay cannot regrow them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from typing_extensions import override
+
+from lightning_sparse.callbacks.base import (
+    CompressionCallback,
+    broadcast_masks,
+    fractional_epoch,
+    steps_per_epoch,
+    to_plain,
+)
+from lightning_sparse.masks import check_compatible, compute_masks, mask_sparsity, parse_mask_type
+from lightning_sparse.schedule import INTERPOLATIONS, SparsitySchedule
+from lightning_sparse.targets import ALL_PRUNABLE, resolve_params
+
+__all__ = ["ConstantPruning", "MagnitudePruning"]
+
+_STATE_VERSION = 1
+
+
+class _MaskEnforcer(CompressionCallback):
+    """Holds keep-masks for a set of parameters and enforces them around every optimizer step."""
+
+    def __init__(self, params: str | Sequence[str], name: str | None) -> None:
+        super().__init__(name=name)
+        params = to_plain(params)
+        if isinstance(params, str):
+            params = [params]
+        if not isinstance(params, list) or not all(isinstance(p, str) for p in params):
+            raise ValueError(
+                f"`params`={params!r} must be a parameter name, an `re:` pattern, "
+                f"{ALL_PRUNABLE!r}, or a list of these."
+            )
+        if not params:
+            raise ValueError(f"`params` is empty; give names, `re:` patterns or {ALL_PRUNABLE!r}.")
+        self.params: list[str] = params
+        self._targets: dict[str, nn.Parameter] = {}
+        self._masks: dict[str, torch.Tensor] = {}
+        self._pruned: dict[str, torch.Tensor] = {}
+
+    @property
+    def target_names(self) -> list[str]:
+        """Names (as in ``pl_module.named_parameters()``) of the weights this callback prunes."""
+        return list(self._targets)
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Current keep-masks (``True`` = kept), empty until the first mask is in force."""
+        return dict(self._masks)
+
+    def _enforcing(self, trainer: pl.Trainer) -> bool:
+        return bool(self._masks)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self._targets = resolve_params(pl_module, self.params)
+
+    def _set_masks(self, trainer: pl.Trainer, masks: dict[str, torch.Tensor]) -> None:
+        """Make ``masks`` identical on every rank (rank 0 wins), keep them and zero the weights."""
+        ordered = [masks[name].to(self._targets[name].device, torch.bool) for name in self._targets]
+        broadcast_masks(trainer, ordered)
+        self._masks = dict(zip(self._targets, ordered, strict=False))
+        self._pruned = {name: ~mask for name, mask in self._masks.items()}
+        self._zero_pruned_weights()
+
+    @torch.no_grad()
+    def _zero_pruned_weights(self) -> None:
+        for name, pruned in self._pruned.items():
+            self._targets[name].masked_fill_(pruned, 0.0)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if not self._enforcing(trainer):
+            return
+        for name, pruned in self._pruned.items():
+            grad = self._targets[name].grad
+            if grad is not None:
+                grad.masked_fill_(pruned, 0.0)
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if self._enforcing(trainer):
+            self._zero_pruned_weights()
+
+    def sparsity_per_layer(self) -> dict[str, float]:
+        """Fraction of zeros in each target weight, measured on the weights themselves."""
+        return {name: mask_sparsity(param.detach()) for name, param in self._targets.items()}
+
+    def overall_sparsity(self) -> float:
+        """Zeros over all target weights together."""
+        total = sum(p.numel() for p in self._targets.values())
+        zeros = sum(int((p.detach() == 0).sum().item()) for p in self._targets.values())
+        return zeros / total if total else 0.0
+
+    def _log_sparsity(self, pl_module: pl.LightningModule, extra: dict[str, float]) -> None:
+        prefix = f"compression/{self.log_name}"
+        metrics = {f"{prefix}/sparsity": self.overall_sparsity(), **extra}
+        for name, value in self.sparsity_per_layer().items():
+            metrics[f"{prefix}/sparsity/{name}"] = value
+        pl_module.log_dict(metrics, on_step=False, on_epoch=True)
+
+    def _masks_state(self) -> dict[str, torch.Tensor]:
+        return {name: mask.detach().cpu() for name, mask in self._masks.items()}
+
+    def _load_masks(self, masks: dict[str, torch.Tensor]) -> None:
+        unknown = sorted(set(masks) - set(self._targets)) if self._targets else []
+        if unknown:
+            raise ValueError(
+                f"{type(self).__name__} ({self.state_key}): the checkpoint holds masks for "
+                f"{unknown}, which `params`={self.params!r} does not select in this model."
+            )
+        # Masks are moved to their parameter's device in on_train_start, after the strategy
+        # has placed the model.
+        self._masks = {name: mask.to(torch.bool) for name, mask in masks.items()}
+        self._pruned = {name: ~mask for name, mask in self._masks.items()}
+
+    def _place_masks(self) -> None:
+        self._masks = {
+            name: mask.to(self._targets[name].device) for name, mask in self._masks.items()
+        }
+        self._pruned = {name: ~mask for name, mask in self._masks.items()}
+
+
+class MagnitudePruning(_MaskEnforcer):
+    """Gradual magnitude pruning (GMP): raise sparsity along a schedule by removing small weights.
+
+    When it acts: mask updates fall at ``start_epoch``, every ``update_frequency`` epochs after it,
+    and at ``end_epoch``, on the fractional-epoch clock (optimizer steps / steps per epoch).
+    An update due at step ``s`` is applied right after optimizer step ``s`` (in
+    ``on_train_batch_end``; at ``on_train_start`` for step 0). Sparsity is absolute ("90% zeros"),
+    interpolated from ``init_sparsity`` to ``final_sparsity`` by ``inter_func``. Between updates, gradients of pruned
+    weights are zeroed before each optimizer step and the weights re-zeroed after it.
+
+    Args:
+        final_sparsity: fraction of zeros reached at ``end_epoch``, in [0, 1).
+        init_sparsity: fraction of zeros applied at ``start_epoch``, in [0, final_sparsity].
+        start_epoch: fractional epoch of the first update.
+        end_epoch: fractional epoch of the last update, when ``final_sparsity`` is reached.
+        update_frequency: epochs between updates; fractions such as 0.25 allowed.
+        inter_func: ``linear``, ``cubic`` (fast early, Zhu & Gupta) or ``inverse_cubic``.
+        params: parameter names, ``re:`` regexes (``re.match`` from the start of the name) or
+            ``__ALL_PRUNABLE__`` (every Conv/Linear weight).
+        global_sparsity: one magnitude threshold over all ``params`` instead of one per layer.
+        mask_type: ``unstructured``, ``N:M`` (e.g. ``2:4``, along the input dimension),
+            ``blockB`` (e.g. ``block4``) or ``channel`` (whole output channels).
+        leave_enabled: keep enforcing the final masks after ``end_epoch``.
+        name: distinguishes two instances in checkpoints and logs.
+
+    Raises:
+        ValueError: an argument is out of range or unknown (the message names it), at construction;
+            at ``setup``: ``params`` match nothing, ``mask_type`` does not tile a target, or the
+            schedule ends after ``max_epochs``.
+
+    Example::
+
+        trainer = Trainer(
+            max_epochs=12,
+            callbacks=[MagnitudePruning(final_sparsity=0.9, start_epoch=1, end_epoch=10)],
+        )
+    """
+
+    def __init__(
+        self,
+        final_sparsity: float,
+        init_sparsity: float = 0.0,
+        start_epoch: float = 0.0,
+        end_epoch: float = 10.0,
+        update_frequency: float = 1.0,
+        inter_func: str = "cubic",
+        params: str | Sequence[str] = ALL_PRUNABLE,
+        global_sparsity: bool = False,
+        mask_type: str = "unstructured",
+        leave_enabled: bool = True,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(params=params, name=name)
+        for field, value in (("final_sparsity", final_sparsity), ("init_sparsity", init_sparsity)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
+                raise ValueError(f"`{field}`={value!r} is not allowed; it must be in [0, 1).")
+        if init_sparsity > final_sparsity:
+            raise ValueError(
+                f"`init_sparsity`={init_sparsity} is greater than `final_sparsity`="
+                f"{final_sparsity}; sparsity only grows, so init_sparsity <= final_sparsity."
+            )
+        for field, value in (("start_epoch", start_epoch), ("end_epoch", end_epoch)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"`{field}`={value!r} is not allowed; it must be a number >= 0.")
+        if end_epoch < start_epoch:
+            raise ValueError(
+                f"`end_epoch`={end_epoch} is before `start_epoch`={start_epoch}; "
+                "end_epoch must be >= start_epoch."
+            )
+        if not isinstance(update_frequency, (int, float)) or update_frequency <= 0:
+            raise ValueError(
+                f"`update_frequency`={update_frequency!r} is not allowed; it must be > 0 epochs."
+            )
+        if inter_func not in INTERPOLATIONS:
+            raise ValueError(
+                f"`inter_func`={inter_func!r} is not allowed; choose one of "
+                f"{sorted(INTERPOLATIONS)}."
+            )
+        parsed = parse_mask_type(mask_type)
+        if final_sparsity > parsed.max_sparsity + 1e-9:
+            raise ValueError(
+                f"`final_sparsity`={final_sparsity} is more than `mask_type`={mask_type!r} "
+                f"can hold: at most {parsed.max_sparsity:g} (1 - N/M)."
+            )
+        self.final_sparsity = float(final_sparsity)
+        self.init_sparsity = float(init_sparsity)
+        self.start_epoch = float(start_epoch)
+        self.end_epoch = float(end_epoch)
+        self.update_frequency = float(update_frequency)
+        self.inter_func = inter_func
+        self.global_sparsity = bool(global_sparsity)
+        self.mask_type = str(mask_type)
+        self.leave_enabled = bool(leave_enabled)
+        self._mask_type = parsed
+        self.schedule = SparsitySchedule(
+            init_sparsity=self.init_sparsity,
+            final_sparsity=self.final_sparsity,
+            start_epoch=self.start_epoch,
+            end_epoch=self.end_epoch,
+            update_frequency=self.update_frequency,
+            inter_func=self.inter_func,
+        )
+        self._applied_index = -1
+
+    @property
+    def applied_sparsity(self) -> float:
+        """Target sparsity of the last update applied (0 before the first)."""
+        return self.schedule.sparsity_at_index(self._applied_index)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        for name, param in self._targets.items():
+            check_compatible(name, param.shape, self._mask_type)
+        max_epochs = trainer.max_epochs
+        if max_epochs is not None and max_epochs >= 0 and self.end_epoch > max_epochs:
+            raise ValueError(
+                f"`end_epoch`={self.end_epoch:g} is past the trainer's max_epochs={max_epochs}; "
+                f"the schedule must end within training (end_epoch <= {max_epochs})."
+            )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        per_epoch = steps_per_epoch(trainer)
+        if trainer.max_steps >= 0 and self.end_epoch * per_epoch > trainer.max_steps + 1e-9:
+            raise ValueError(
+                f"`end_epoch`={self.end_epoch:g} is {self.end_epoch * per_epoch:.0f} optimizer "
+                f"steps, past the trainer's max_steps={trainer.max_steps} "
+                f"({per_epoch} steps per epoch)."
+            )
+        self._place_masks()
+        self._zero_pruned_weights()
+        self._maybe_update(trainer)
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._maybe_update(trainer)
+
+    def _enforcing(self, trainer: pl.Trainer) -> bool:
+        if not self._masks:
+            return False
+        return self.leave_enabled or fractional_epoch(trainer) < self.end_epoch
+
+    def _maybe_update(self, trainer: pl.Trainer) -> None:
+        # The guard: an update is identified by its index, so neither a resume nor a repeated
+        # check within one accumulation window applies it twice.
+        due = self.schedule.due_index(fractional_epoch(trainer))
+        if due <= self._applied_index:
+            return
+        sparsity = self.schedule.sparsity_at_index(due)
+        weights = {name: param.detach() for name, param in self._targets.items()}
+        self._set_masks(
+            trainer, compute_masks(weights, sparsity, self._mask_type, self.global_sparsity)
+        )
+        self._applied_index = due
+        if due == self.schedule.num_updates - 1:
+            rank_zero_info(
+                f"{self.log_name}: final sparsity {sparsity:.4f} reached at epoch "
+                f"{fractional_epoch(trainer):.3f}."
+            )
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._targets:
+            self._log_sparsity(
+                pl_module,
+                {
+                    f"compression/{self.log_name}/target_sparsity": self.applied_sparsity,
+                    f"compression/{self.log_name}/enabled": float(self._enforcing(trainer)),
+                },
+            )
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": _STATE_VERSION,
+            "applied_index": self._applied_index,
+            "masks": self._masks_state(),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._applied_index = int(state_dict["applied_index"])
+        self._load_masks(state_dict["masks"])
+
+
+class ConstantPruning(_MaskEnforcer):
+    """Hold the zeros a model already has while it trains (sparse fine-tuning and transfer).
+
+    When it acts: at ``on_train_start`` (after any checkpoint is restored and the strategy has set
+    up the model) it records which weights of ``params`` are zero, unless a checkpoint already gave
+    it masks; from then on those weights stay zero: their gradients are zeroed before every
+    optimizer step and the weights re-zeroed after it.
+
+    Args:
+        params: parameter names, ``re:`` regexes or ``__ALL_PRUNABLE__``.
+        name: distinguishes two instances in checkpoints and logs.
+
+    Example::
+
+        model.load_state_dict(torch.load("sparse.ckpt", weights_only=True)["state_dict"])
+        Trainer(callbacks=[ConstantPruning()]).fit(model, datamodule)
+    """
+
+    def __init__(self, params: str | Sequence[str] = ALL_PRUNABLE, name: str | None = None) -> None:
+        super().__init__(params=params, name=name)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._masks:
+            self._place_masks()
+            self._zero_pruned_weights()
+            return
+        self._set_masks(
+            trainer, {name: param.detach() != 0 for name, param in self._targets.items()}
+        )
+        rank_zero_info(
+            f"{self.log_name}: holding sparsity {self.overall_sparsity():.4f} "
+            f"over {len(self._targets)} weights."
+        )
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._targets:
+            self._log_sparsity(pl_module, {})
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": _STATE_VERSION, "masks": self._masks_state()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._load_masks(state_dict["masks"])

@@ -1,0 +1,80 @@
+"""Small, fast pieces shared by the tests: a tiny classifier and deterministic data."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_sparse.data.resumable import train_sampler
+
+
+class TinyNet(nn.Module):
+    """Conv + two Linear layers: every mask structure has something to act on."""
+
+    def __init__(self, width: int = 8, num_classes: int = 4) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, width, 3, padding=1)
+        self.fc1 = nn.Linear(width * 16, 32)
+        self.fc2 = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv1(x)).flatten(1)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class TinyModule(pl.LightningModule):
+    """Classifier over ``TinyNet`` with momentum SGD and weight decay, both able to regrow zeros."""
+
+    def __init__(self, lr: float = 0.05, weight_decay: float = 1e-3) -> None:
+        super().__init__()
+        self.model = TinyNet()
+        self.lr = lr
+        self.weight_decay = weight_decay
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(
+            self.parameters(), lr=self.lr, momentum=0.9, weight_decay=self.weight_decay
+        )
+
+
+class TinyData(pl.LightningDataModule):
+    """Random 4x4x4 inputs with 4 classes; shuffled with the resumable sampler."""
+
+    def __init__(self, num_samples: int = 80, batch_size: int = 8, seed: int = 0) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(1234)
+        x = torch.randn(num_samples, 4, 4, 4, generator=generator)
+        y = torch.randint(0, 4, (num_samples,), generator=generator)
+        self.dataset = TensorDataset(x, y)
+        self.batch_size = batch_size
+        self.seed = seed
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = train_sampler(self.dataset, self.trainer, self.batch_size, True, self.seed)
+        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler)
+
+
+def quiet_trainer(**kwargs: Any) -> pl.Trainer:
+    """A CPU trainer that prints and writes nothing unless asked."""
+    options: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "deterministic": True,
+    }
+    options.update(kwargs)
+    return pl.Trainer(**options)
