@@ -155,8 +155,9 @@ class MagnitudePruning(_MaskEnforcer):
     and at ``end_epoch``, on the fractional-epoch clock (optimizer steps / steps per epoch).
     An update due at step ``s`` is applied right after optimizer step ``s`` (in
     ``on_train_batch_end``; at ``on_train_start`` for step 0). Sparsity is absolute ("90% zeros"),
-    interpolated from ``init_sparsity`` to ``final_sparsity`` by ``inter_func``. Between updates, gradients of pruned
-    weights are zeroed before each optimizer step and the weights re-zeroed after it.
+    interpolated from ``init_sparsity`` to ``final_sparsity`` by ``inter_func``. Between updates,
+    gradients of pruned weights are zeroed before each optimizer step and the weights re-zeroed
+    after it.
 
     Args:
         final_sparsity: fraction of zeros reached at ``end_epoch``, in [0, 1).
