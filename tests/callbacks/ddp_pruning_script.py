@@ -1,0 +1,84 @@
+"""Run by tests/callbacks/test_pruning_ddp.py: gradual pruning under real 2-process CPU DDP (gloo).
+
+Lightning's DDP launcher starts rank 1 by re-running this file, so it must be a standalone script.
+Usage: python ddp_pruning_script.py OUT_DIR
+Each rank writes OUT_DIR/rank<r>.pt with the weights it saw before each mask update, the masks it
+ended up with after each update, and its final weights.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `tests.helpers`
+
+from lightning_sparse import MagnitudePruning  # noqa: E402
+from tests.helpers import TinyData, TinyModule  # noqa: E402
+
+
+class RecordingPruning(MagnitudePruning):
+    """Records every update; rank 1 proposes deliberately wrong masks to prove rank 0 wins."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.history: list[dict[str, Any]] = []
+        self._trainer: pl.Trainer | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._trainer = trainer
+        super().on_train_start(trainer, pl_module)
+
+    def _maybe_update(self, trainer: pl.Trainer) -> None:
+        before = {n: p.detach().clone() for n, p in self._targets.items()}
+        applied = self._applied_index
+        super()._maybe_update(trainer)
+        if self._applied_index != applied:
+            self.history.append(
+                {
+                    "index": self._applied_index,
+                    "weights_before": before,
+                    "masks": {n: m.clone() for n, m in self._masks.items()},
+                }
+            )
+
+    def _set_masks(self, trainer: pl.Trainer, masks: dict[str, torch.Tensor]) -> None:
+        if trainer.global_rank == 1:
+            masks = {name: ~mask for name, mask in masks.items()}
+        super()._set_masks(trainer, masks)
+
+
+def main(out_dir: Path) -> None:
+    pl.seed_everything(0)
+    pruning = RecordingPruning(
+        final_sparsity=0.8, start_epoch=0.5, end_epoch=2, update_frequency=0.5, global_sparsity=True
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=3,
+        callbacks=[pruning],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    module = TinyModule()
+    trainer.fit(module, TinyData())
+    torch.save(
+        {
+            "history": pruning.history,
+            "final": {n: p.detach().clone() for n, p in module.named_parameters()},
+            "world_size": trainer.world_size,
+        },
+        out_dir / f"rank{trainer.global_rank}.pt",
+    )
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
