@@ -1,7 +1,7 @@
 """Run by tests/callbacks/test_pruning_ddp.py: gradual pruning under real 2-process CPU DDP (gloo).
 
-Lightning's DDP launcher starts rank 1 by re-running this file, so it must be a standalone script.
-Usage: python ddp_pruning_script.py OUT_DIR
+Lightning's DDP launcher starts rank 1 by re-running this command, so it must be a standalone
+module. Usage, from the repository root: python -m tests.callbacks.ddp_pruning_script OUT_DIR
 Each rank writes OUT_DIR/rank<r>.pt with the weights it saw before each mask update, the masks it
 ended up with after each update, and its final weights.
 """
@@ -15,10 +15,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `tests.helpers`
-
-from lightning_sparse import MagnitudePruning  # noqa: E402
-from tests.helpers import TinyData, TinyModule  # noqa: E402
+from lightning_sparse import MagnitudePruning
+from tests.helpers import TinyData, TinyModule
 
 
 class RecordingPruning(MagnitudePruning):

@@ -11,7 +11,7 @@ import torch
 from lightning_sparse.masks import compute_masks, parse_mask_type
 from lightning_sparse.schedule import SparsitySchedule
 
-SCRIPT = Path(__file__).with_name("ddp_pruning_script.py")
+REPO_ROOT = Path(__file__).resolve().parents[2]
 # the schedule the script configures
 SCHEDULE = SparsitySchedule(0.0, 0.8, start_epoch=0.5, end_epoch=2, update_frequency=0.5)
 
@@ -21,7 +21,8 @@ def test_masks_are_identical_on_both_ranks_and_match_a_single_process(tmp_path: 
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     env.pop("LOCAL_RANK", None)
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path)],
+        [sys.executable, "-m", "tests.callbacks.ddp_pruning_script", str(tmp_path)],
+        cwd=REPO_ROOT,
         env=env,
         capture_output=True,
         text=True,
