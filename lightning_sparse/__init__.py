@@ -1,6 +1,20 @@
-"""lightning_sparse: neural-network compression as PyTorch Lightning callbacks and Hydra recipes."""
+"""lightning_sparse: neural-network compression as PyTorch Lightning callbacks and Hydra recipes.
 
+Techniques are callbacks (``MagnitudePruning``, ``ConstantPruning``); a LightningModule that takes
+loss terms from techniques mixes in ``CompressionModule``; ``recipe.load`` builds the callbacks of a
+shipped recipe without a Hydra app.
+"""
+
+from lightning_sparse import recipe
 from lightning_sparse.callbacks import CompressionCallback, ConstantPruning, MagnitudePruning
+from lightning_sparse.module import ClassificationModule, CompressionModule
 
-__all__ = ["CompressionCallback", "ConstantPruning", "MagnitudePruning"]
+__all__ = [
+    "ClassificationModule",
+    "CompressionCallback",
+    "CompressionModule",
+    "ConstantPruning",
+    "MagnitudePruning",
+    "recipe",
+]
 __version__ = "0.1.0"

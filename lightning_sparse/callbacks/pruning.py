@@ -34,6 +34,11 @@ __all__ = ["ConstantPruning", "MagnitudePruning"]
 _STATE_VERSION = 1
 
 
+def _smoke_run(trainer: pl.Trainer) -> bool:
+    # `fast_dev_run` is set on the trainer at runtime but missing from its type annotations.
+    return bool(vars(trainer).get("fast_dev_run"))
+
+
 class _MaskEnforcer(CompressionCallback):
     """Holds keep-masks for a set of parameters and enforces them around every optimizer step."""
 
@@ -124,7 +129,8 @@ class _MaskEnforcer(CompressionCallback):
         metrics = {f"{prefix}/sparsity": self.overall_sparsity(), **extra}
         for name, value in self.sparsity_per_layer().items():
             metrics[f"{prefix}/sparsity/{name}"] = value
-        pl_module.log_dict(metrics, on_step=False, on_epoch=True)
+        # Every rank holds the same masks, so syncing only quiets Lightning's DDP warning.
+        pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)
 
     def _masks_state(self) -> dict[str, torch.Tensor]:
         return {name: mask.detach().cpu() for name, mask in self._masks.items()}
@@ -265,7 +271,8 @@ class MagnitudePruning(_MaskEnforcer):
             return
         for name, param in self._targets.items():
             check_compatible(name, param.shape, self._mask_type)
-        max_epochs = trainer.max_epochs
+        # fast_dev_run is a smoke test of a few batches: the schedule cannot fit and need not.
+        max_epochs = None if _smoke_run(trainer) else trainer.max_epochs
         if max_epochs is not None and max_epochs >= 0 and self.end_epoch > max_epochs:
             raise ValueError(
                 f"`end_epoch`={self.end_epoch:g} is past the trainer's max_epochs={max_epochs}; "
@@ -275,7 +282,8 @@ class MagnitudePruning(_MaskEnforcer):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         per_epoch = steps_per_epoch(trainer)
-        if trainer.max_steps >= 0 and self.end_epoch * per_epoch > trainer.max_steps + 1e-9:
+        limited = trainer.max_steps >= 0 and not _smoke_run(trainer)
+        if limited and self.end_epoch * per_epoch > trainer.max_steps + 1e-9:
             raise ValueError(
                 f"`end_epoch`={self.end_epoch:g} is {self.end_epoch * per_epoch:.0f} optimizer "
                 f"steps, past the trainer's max_steps={trainer.max_steps} "

@@ -336,3 +336,12 @@ def test_sharding_strategies_are_refused() -> None:
 
     with pytest.raises(ValueError, match="MagnitudePruning does not support strategy FSDPStrategy"):
         check_strategy(FakeTrainer(), "MagnitudePruning")  # type: ignore[arg-type]
+
+
+def test_fast_dev_run_smoke_tests_a_long_schedule() -> None:
+    pruning = MagnitudePruning(final_sparsity=0.9, start_epoch=0, end_epoch=15)
+    recorder = _fit(pruning, fast_dev_run=2)
+    # fast_dev_run=2 limits an epoch to 2 batches: two steps are one epoch of the schedule
+    assert [epoch for _, epoch, _ in recorder.steps] == [0.5, 1.0]
+    assert pruning.applied_sparsity == pytest.approx(pruning.schedule.sparsity_at(1.0))
+    assert 0 < recorder.steps[-1][2] < 0.9
