@@ -1,0 +1,99 @@
+"""scikit-learn's handwritten digits: the embedded default data set (no download)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch.utils.data import TensorDataset
+
+from lightning_sparse.data.base import TensorDataModule, as_dataset
+
+__all__ = ["DIGITS_SHAPE", "DigitsDataModule"]
+
+DIGITS_SHAPE = (1, 8, 8)
+
+
+class DigitsDataModule(TensorDataModule):
+    """The 1797 8x8 digit images of ``sklearn.datasets.load_digits`` as ``[1, 8, 8]`` tensors.
+
+    Pixels (0..16) are scaled to [0, 1]. The train/val/test split is stratified by class and fixed
+    by ``split_seed`` alone, so runs with different ``seed`` values are evaluated on the same test
+    images; ``seed`` only drives the training shuffle.
+
+    Args:
+        batch_size: samples per batch (per process under DDP).
+        val_fraction: share of all images held out for validation, in (0, 1).
+        test_fraction: share of all images held out for testing, in (0, 1).
+        split_seed: seed of the split; keep it fixed to compare runs.
+        seed: seed of the training shuffle (set to the run's seed by the configs).
+        num_workers: ``DataLoader`` worker processes.
+        num_classes: use the digits ``0..num_classes-1`` only (2 to 10).
+        input_shape: must be ``(1, 8, 8)``; stated so that model configs can interpolate it.
+
+    Example::
+
+        datamodule = DigitsDataModule(batch_size=64)
+        Trainer(max_epochs=5).fit(ClassificationModule(SmallCNN()), datamodule=datamodule)
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        split_seed: int = 0,
+        seed: int = 0,
+        num_workers: int = 0,
+        num_classes: int = 10,
+        input_shape: Sequence[int] = DIGITS_SHAPE,
+    ) -> None:
+        if tuple(int(d) for d in input_shape) != DIGITS_SHAPE:
+            raise ValueError(
+                f"`input_shape`={list(input_shape)} is not allowed; the digits are "
+                f"{list(DIGITS_SHAPE)} images."
+            )
+        if not 2 <= int(num_classes) <= 10:
+            raise ValueError(f"`num_classes`={num_classes!r} is not allowed; it must be in 2..10.")
+        for field, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0 < value < 1:
+                raise ValueError(f"`{field}`={value!r} is not allowed; it must be in (0, 1).")
+        if val_fraction + test_fraction >= 1:
+            raise ValueError(
+                f"`val_fraction` + `test_fraction` = {val_fraction + test_fraction:g} leaves no "
+                "training data; their sum must be < 1."
+            )
+        super().__init__(num_classes, DIGITS_SHAPE, batch_size, seed, num_workers)
+        self.val_fraction = float(val_fraction)
+        self.test_fraction = float(test_fraction)
+        self.split_seed = int(split_seed)
+
+    def _build(self) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
+        digits = load_digits(n_class=self.num_classes)
+        images = np.asarray(digits.images, dtype=np.float32) / 16.0
+        labels = np.asarray(digits.target, dtype=np.int64)
+        index = np.arange(len(labels))
+        rest, test = train_test_split(
+            index,
+            test_size=self.test_fraction,
+            stratify=labels,
+            random_state=self.split_seed,
+        )
+        # val_fraction is a share of all images, so rescale it to the share of what is left.
+        train, val = train_test_split(
+            rest,
+            test_size=self.val_fraction / (1.0 - self.test_fraction),
+            stratify=labels[rest],
+            random_state=self.split_seed,
+        )
+        inputs = torch.from_numpy(images).unsqueeze(1)
+        targets = torch.from_numpy(labels)
+        # Sorted indices keep each split in the data set's own order; the sampler shuffles.
+        train_set, val_set, test_set = (
+            as_dataset(inputs[np.sort(split)], targets[np.sort(split)])
+            for split in (train, val, test)
+        )
+        return train_set, val_set, test_set

@@ -1,0 +1,33 @@
+"""Helpers for whole runs: the real Hydra app in a subprocess, and quick overrides."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Small and quick: synthetic data, 2 epochs, pruning done by the end of epoch 1.
+QUICK = [
+    "data=synthetic",
+    "trainer.max_epochs=2",
+    "trainer.log_every_n_steps=4",
+    "trainer.enable_model_summary=false",
+]
+QUICK_PRUNING = ["recipe.pruning.start_epoch=0", "recipe.pruning.end_epoch=1"]
+
+
+def run_app(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """``python -m lightning_sparse.train *args`` as a user would run it; output captured."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_sparse.train", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

@@ -1,0 +1,144 @@
+"""Every shipped config composes, and every ``_target_`` in it binds to its signature.
+
+Options are discovered from ``conf/``, so a new config file is covered without editing this test.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_sparse.recipe import (
+    check_against_model,
+    check_target,
+    compose_config,
+    config_dir,
+    instantiate_recipe,
+)
+
+
+def options(group: str) -> list[str]:
+    return sorted(path.stem for path in (config_dir() / group).glob("*.yaml"))
+
+
+def target_nodes(node: Any, where: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every ``_target_`` node inside ``node``, with its dotted path."""
+    if isinstance(node, dict):
+        if "_target_" in node:
+            yield where, node
+        for key, value in node.items():
+            yield from target_nodes(value, f"{where}.{key}" if where else str(key))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from target_nodes(value, f"{where}[{index}]")
+
+
+def resolved(cfg: DictConfig) -> dict[str, Any]:
+    cfg = cfg.copy()
+    cfg.output_dir = "unused"  # ${hydra:...} needs a running Hydra app
+    data = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(data, dict)
+    return data
+
+
+def test_the_groups_ship_what_the_readme_promises() -> None:
+    assert options("data") == ["digits", "synthetic"]
+    assert options("model") == ["cnn", "mlp"]
+    assert options("trainer") == ["cpu", "ddp", "ddp_sim", "gpu"]
+    assert options("logger") == ["csv"]
+    assert set(options("recipe")) >= {"dense", "gmp", "gmp_global", "gmp_2of4"}
+    assert set(options("compression/pruning")) >= {"gmp", "constant"}
+
+
+def test_defaults() -> None:
+    cfg = compose_config()
+    assert cfg.seed == 0
+    assert cfg.task_name == "train"
+    assert cfg.ckpt_path is None
+    assert cfg.data._target_.endswith("DigitsDataModule")
+    assert cfg.model.model._target_.endswith("SmallCNN")
+    assert cfg.trainer.accelerator == "cpu"
+    assert list(cfg.recipe) == ["pruning"]
+
+
+@pytest.mark.parametrize(
+    ("recipe", "model", "data"),
+    list(itertools.product(options("recipe"), options("model"), options("data"))),
+)
+def test_every_recipe_model_and_data_composes_binds_and_builds(
+    recipe: str, model: str, data: str
+) -> None:
+    cfg = compose_config([f"recipe={recipe}", f"model={model}", f"data={data}"])
+    plain = resolved(cfg)
+    nodes = list(target_nodes(plain, ""))
+    assert {where for where, _ in nodes} >= {"data", "model", "model.model"}
+    for where, node in nodes:
+        check_target(node, where)
+    # The pieces also fit together: the recipe's params match this model, its epochs this
+    # trainer, and the model takes this data's samples.
+    callbacks = instantiate_recipe(cfg.recipe, cfg.trainer)
+    module: pl.LightningModule = instantiate(cfg.model)
+    check_against_model(callbacks, module)
+    shape = tuple(cfg.data.input_shape)
+    assert module(torch.zeros(2, *shape)).shape == (2, cfg.data.num_classes)
+
+
+@pytest.mark.parametrize("trainer", options("trainer"))
+def test_every_trainer_binds_to_the_trainer_signature(trainer: str) -> None:
+    cfg = compose_config([f"trainer={trainer}"])
+    accepted = inspect.signature(pl.Trainer).parameters
+    kwargs = resolved(cfg)["trainer"]
+    assert set(kwargs) <= set(accepted)
+    inspect.signature(pl.Trainer).bind(**kwargs)
+    # The shipped recipes fit in every trainer's epochs.
+    for recipe in options("recipe"):
+        instantiate_recipe(
+            compose_config([f"trainer={trainer}", f"recipe={recipe}"]).recipe, cfg.trainer
+        )
+
+
+@pytest.mark.parametrize("node", options("compression/pruning"))
+def test_every_compression_node_binds(node: str) -> None:
+    cfg = OmegaConf.load(config_dir() / "compression" / "pruning" / f"{node}.yaml")
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(plain, dict)
+    check_target(plain, f"compression.pruning.{node}")
+
+
+def test_every_logger_binds() -> None:
+    for name in options("logger"):
+        plain = resolved(compose_config([f"logger={name}"]))
+        for where, node in target_nodes(plain["logger"], "logger"):
+            check_target(node, where)
+
+
+def test_cli_style_overrides_reach_the_recipe() -> None:
+    cfg = compose_config(["recipe.pruning.final_sparsity=0.95", "recipe.pruning.end_epoch=5"])
+    assert cfg.recipe.pruning.final_sparsity == 0.95
+    assert cfg.recipe.pruning.end_epoch == 5
+    assert "pruning" not in compose_config(["~recipe.pruning"]).recipe
+
+
+def test_unknown_recipe_lists_the_options() -> None:
+    with pytest.raises(MissingConfigException) as info:
+        compose_config(["recipe=nope"])
+    message = str(info.value)
+    assert "Could not find 'recipe/nope'" in message
+    for option in options("recipe"):
+        assert option in message
+
+
+def test_unknown_config_key_is_named() -> None:
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_config(["trainer.max_epoch=3"])
+    assert "trainer.max_epoch" in str(info.value)
+    assert "Key 'max_epoch' is not in struct" in str(info.value.__cause__)
