@@ -2,5 +2,11 @@
 
 from lightning_sparse.callbacks.base import CompressionCallback
 from lightning_sparse.callbacks.pruning import ConstantPruning, MagnitudePruning
+from lightning_sparse.callbacks.quantization import QuantizationAwareTraining
 
-__all__ = ["CompressionCallback", "ConstantPruning", "MagnitudePruning"]
+__all__ = [
+    "CompressionCallback",
+    "ConstantPruning",
+    "MagnitudePruning",
+    "QuantizationAwareTraining",
+]

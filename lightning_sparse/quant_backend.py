@@ -1,0 +1,759 @@
+"""The one module that touches the quantization backend: torch's fake-quant ops, ONNX, ONNX Runtime.
+
+Why core ops and not torchao's pt2e flow (``docs/decisions.md`` has the measurements): pt2e
+replaces the model with an exported ``GraphModule`` whose Conv/Linear layers are gone (pruning finds
+no target), whose ``state_dict`` gains observer keys (a checkpoint no longer loads into the plain
+model with ``strict=True``) and which refuses ``.train()``/``.eval()`` (Lightning calls both).
+Here instead:
+
+- **Fake quantization** uses ``torch.fake_quantize_per_channel_affine`` (weights) and
+  ``torch.fake_quantize_per_tensor_affine`` (layer inputs) inside a forward that is installed once
+  on each quantized Conv/Linear. Parameters keep their names and types; the observers' state lives
+  in a :class:`LayerQuantizer` outside the model, so the model's ``state_dict`` is unchanged and the
+  owner (a callback) saves the state in plain tensors.
+- **ONNX**: ``torch.onnx.export(dynamo=True)`` writes the float graph; :func:`quantize_onnx` then
+  inserts QuantizeLinear/DequantizeLinear with the learned scales (int8 weights per output channel,
+  uint8 inputs per tensor, int32 biases) and folds a BatchNormalization that follows a quantized
+  Conv into its weights, which ONNX Runtime fuses into QLinearConv/QGemm.
+- **ONNX Runtime** sessions and latency are measured here, so its version checks live in one place.
+
+Weights are quantized symmetrically by default (zero point 0): a pruned weight is exactly zero
+before and after quantization. Affine weights keep zeros too, since the zero point is an integer.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "ACTIVATION_QRANGE",
+    "QUANTIZABLE_TYPES",
+    "STATE_FORMAT",
+    "SUPPORTED_BITS",
+    "LayerQuantizer",
+    "OrtModel",
+    "QuantSpec",
+    "QuantizationError",
+    "QuantizedModel",
+    "export_onnx",
+    "install",
+    "interleaved_latency_ms",
+    "quantize_onnx",
+    "quantized_layers",
+]
+
+QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+SUPPORTED_BITS = (4, 8)
+# Layer inputs are uint8 (per tensor, affine): ONNX Runtime's x86 int8 kernels are u8s8.
+ACTIVATION_QRANGE = (0, 255)
+# Moving-average constant of the input observers during QAT (torch's default).
+EMA_CONSTANT = 0.01
+STATE_FORMAT = "lightning_sparse.quantization"
+_STATE_VERSION = 1
+# Smallest scale: an all-zero channel (pruned away) still needs a positive scale.
+_MIN_SCALE = float(torch.finfo(torch.float32).eps)
+_INT32 = (-(2**31), 2**31 - 1)
+
+
+class QuantizationError(ValueError):
+    """The quantization state cannot do what was asked (uncalibrated layer, foreign state...)."""
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How weights are quantized; layer inputs are always uint8, per tensor, affine.
+
+    Args:
+        num_bits: bits per weight, 8 or 4 (4-bit values are stored in int8 in ONNX).
+        symmetric: zero point 0 and range ``[-(2^(b-1) - 1), 2^(b-1) - 1]``; else affine over
+            ``[-2^(b-1), 2^(b-1) - 1]`` with a per-channel (or per-tensor) zero point.
+        per_channel: one scale per output channel (dim 0); else one per weight tensor.
+    """
+
+    num_bits: int = 8
+    symmetric: bool = True
+    per_channel: bool = True
+
+    @property
+    def weight_qrange(self) -> tuple[int, int]:
+        """(quant_min, quant_max) of the integer weights."""
+        half = 2 ** (self.num_bits - 1)
+        return (-(half - 1), half - 1) if self.symmetric else (-half, half - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for checkpoints."""
+        return {
+            "num_bits": self.num_bits,
+            "symmetric": self.symmetric,
+            "per_channel": self.per_channel,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> QuantSpec:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            num_bits=int(data["num_bits"]),
+            symmetric=bool(data["symmetric"]),
+            per_channel=bool(data["per_channel"]),
+        )
+
+
+@dataclass
+class _Controls:
+    """Phase switches shared by all layers of one :class:`QuantizedModel`."""
+
+    fake_quant: bool = False
+    observe: bool = False
+    # Calibration observes in eval mode (BN running stats, no dropout) with running min/max.
+    calibrating: bool = False
+
+
+def _affine_qparams(
+    low: torch.Tensor, high: torch.Tensor, qmin: int, qmax: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point covering [low, high] widened to include 0 (exact zeros)."""
+    low = torch.clamp(low, max=0.0)
+    high = torch.clamp(high, min=0.0)
+    scale = torch.clamp((high - low) / float(qmax - qmin), min=_MIN_SCALE)
+    zero_point = torch.clamp(torch.round(qmin - low / scale), qmin, qmax).to(torch.int32)
+    return scale.to(torch.float32), zero_point
+
+
+class LayerQuantizer:
+    """Quantization state of one Conv/Linear layer: weight scales and an input range observer.
+
+    Not an ``nn.Module``: nothing here enters the model's ``state_dict``. Tensors follow the layer
+    to its device on first use.
+
+    Args:
+        module: the Conv/Linear layer.
+        spec: how its weight is quantized.
+        controls: the phase switches of the model it belongs to.
+    """
+
+    def __init__(self, module: nn.Module, spec: QuantSpec, controls: _Controls) -> None:
+        self.module = module
+        self.spec = spec
+        self.controls = controls
+        weight = self.weight
+        channels = int(weight.shape[0]) if spec.per_channel else 1
+        self.weight_scale = torch.ones(channels, dtype=torch.float32, device=weight.device)
+        self.weight_zero_point = torch.zeros(channels, dtype=torch.int32, device=weight.device)
+        self.weight_observed = False
+        self.input_min = torch.zeros((), dtype=torch.float32, device=weight.device)
+        self.input_max = torch.zeros((), dtype=torch.float32, device=weight.device)
+        self.input_observed = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The layer's weight parameter."""
+        weight = self.module.weight
+        assert isinstance(weight, torch.Tensor)
+        return weight
+
+    def _follow(self, device: torch.device) -> None:
+        if self.weight_scale.device != device:
+            self.weight_scale = self.weight_scale.to(device)
+            self.weight_zero_point = self.weight_zero_point.to(device)
+            self.input_min = self.input_min.to(device)
+            self.input_max = self.input_max.to(device)
+
+    @torch.no_grad()
+    def observe_weight(self, weight: torch.Tensor) -> None:
+        """Set the weight scales from the weight as it is now (min/max per channel or tensor)."""
+        self._follow(weight.device)
+        flat = weight.detach().reshape(weight.shape[0], -1).float()
+        if not self.spec.per_channel:
+            flat = flat.reshape(1, -1)
+        qmin, qmax = self.spec.weight_qrange
+        if self.spec.symmetric:
+            scale = torch.clamp(flat.abs().amax(dim=1) / qmax, min=_MIN_SCALE)
+            zero_point = torch.zeros_like(self.weight_zero_point)
+        else:
+            scale, zero_point = _affine_qparams(flat.amin(dim=1), flat.amax(dim=1), qmin, qmax)
+        self.weight_scale = scale.to(torch.float32)
+        self.weight_zero_point = zero_point
+        self.weight_observed = True
+
+    def quantize_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """Fake-quantized ``weight`` (straight-through gradient inside the clamp range)."""
+        self._follow(weight.device)
+        qmin, qmax = self.spec.weight_qrange
+        if self.spec.per_channel:
+            return torch.fake_quantize_per_channel_affine(
+                weight, self.weight_scale, self.weight_zero_point, 0, qmin, qmax
+            )
+        return torch.fake_quantize_per_tensor_affine(
+            weight, self.weight_scale, self.weight_zero_point, qmin, qmax
+        )
+
+    @torch.no_grad()
+    def observe_input(self, x: torch.Tensor, moving_average: bool) -> None:
+        """Track the input range: a moving average of batch min/max (QAT), or running min/max."""
+        self._follow(x.device)
+        low, high = x.detach().min().float(), x.detach().max().float()
+        if not self.input_observed:
+            self.input_min, self.input_max = low.clone(), high.clone()
+            self.input_observed = True
+        elif moving_average:
+            self.input_min = self.input_min + EMA_CONSTANT * (low - self.input_min)
+            self.input_max = self.input_max + EMA_CONSTANT * (high - self.input_max)
+        else:
+            self.input_min = torch.minimum(self.input_min, low)
+            self.input_max = torch.maximum(self.input_max, high)
+
+    def input_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale (float32) and zero point (int32) of the uint8 input, from the observed range."""
+        return _affine_qparams(self.input_min, self.input_max, *ACTIVATION_QRANGE)
+
+    def quantize_input(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """Fake-quantized layer input.
+
+        Raises:
+            QuantizationError: the input range was never observed.
+        """
+        if not self.input_observed:
+            raise QuantizationError(
+                f"layer {name!r}: fake quantization is on but its input range was never observed; "
+                "enable observers (QAT) or calibrate (PTQ) first."
+            )
+        self._follow(x.device)
+        scale, zero_point = self.input_qparams()
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, *ACTIVATION_QRANGE)
+
+    @torch.no_grad()
+    def integer_weight(self) -> torch.Tensor:
+        """The weight as the integers fake quantization uses (int8 storage, also for 4 bits)."""
+        weight = self.weight.detach()
+        fake = self.quantize_weight(weight)
+        shape = (-1,) + (1,) * (weight.dim() - 1)
+        scale = self.weight_scale.reshape(shape)
+        zero_point = self.weight_zero_point.reshape(shape)
+        # Dividing the fake-quantized value by its own scale recovers the integer exactly.
+        return (torch.round(fake / scale) + zero_point).to(torch.int8)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The observers' state in plain types (``torch.load(weights_only=True)`` reads it)."""
+        return {
+            "weight_scale": self.weight_scale.detach().cpu().clone(),
+            "weight_zero_point": self.weight_zero_point.detach().cpu().clone(),
+            "weight_observed": self.weight_observed,
+            "input_min": self.input_min.detach().cpu().clone(),
+            "input_max": self.input_max.detach().cpu().clone(),
+            "input_observed": self.input_observed,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], name: str) -> None:
+        """Restore :meth:`state_dict` output exactly (bit for bit)."""
+        scale = torch.as_tensor(state["weight_scale"], dtype=torch.float32)
+        if scale.shape != self.weight_scale.shape:
+            raise QuantizationError(
+                f"layer {name!r}: the saved weight scales have shape {list(scale.shape)}, this "
+                f"layer needs {list(self.weight_scale.shape)} "
+                f"(per_channel={self.spec.per_channel})."
+            )
+        device = self.weight.device
+        self.weight_scale = scale.to(device)
+        self.weight_zero_point = torch.as_tensor(state["weight_zero_point"]).to(device, torch.int32)
+        self.weight_observed = bool(state["weight_observed"])
+        self.input_min = torch.as_tensor(state["input_min"], dtype=torch.float32).to(device)
+        self.input_max = torch.as_tensor(state["input_max"], dtype=torch.float32).to(device)
+        self.input_observed = bool(state["input_observed"])
+
+
+class _QuantForward:
+    """The forward installed on a quantized layer: observe, fake-quantize, then the layer's op.
+
+    An instance attribute ``forward`` (not a module swap, not a parametrization) keeps the layer's
+    type and parameter names, costs nothing while quantization is off, and is picklable.
+    """
+
+    def __init__(self, quantizer: LayerQuantizer, name: str) -> None:
+        self.quantizer = quantizer
+        self.name = name
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        quantizer = self.quantizer
+        module = quantizer.module
+        controls = quantizer.controls
+        if controls.observe and (module.training or controls.calibrating):
+            quantizer.observe_input(x, moving_average=not controls.calibrating)
+            quantizer.observe_weight(quantizer.weight)
+        if not controls.fake_quant:
+            return type(module).forward(module, x)
+        x = quantizer.quantize_input(x, self.name)
+        weight = quantizer.quantize_weight(quantizer.weight)
+        if isinstance(module, nn.Linear):
+            return F.linear(x, weight, module.bias)
+        conv_forward: Callable[..., torch.Tensor] = module._conv_forward  # type: ignore[assignment]
+        return conv_forward(x, weight, module.bias)
+
+
+def _quant_forward(module: nn.Module) -> _QuantForward | None:
+    installed = vars(module).get("forward")
+    return installed if isinstance(installed, _QuantForward) else None
+
+
+def quantized_layers(model: nn.Module) -> dict[str, LayerQuantizer]:
+    """Every quantized layer inside ``model``, by its name in ``model.named_modules()``."""
+    found: dict[str, LayerQuantizer] = {}
+    for name, module in model.named_modules():
+        installed = _quant_forward(module)
+        if installed is not None:
+            found[name] = installed.quantizer
+    return found
+
+
+class QuantizedModel:
+    """Handle on the layers of one model that :func:`install` quantized, and their phase switches.
+
+    Args:
+        model: the root module the layer names are relative to.
+        layers: ``{name: LayerQuantizer}``.
+        spec: how the weights are quantized.
+        controls: the shared phase switches.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: dict[str, LayerQuantizer],
+        spec: QuantSpec,
+        controls: _Controls,
+    ) -> None:
+        self.model = model
+        self.layers = layers
+        self.spec = spec
+        self._controls = controls
+
+    @property
+    def fake_quant_enabled(self) -> bool:
+        """Whether forward passes use fake-quantized weights and inputs."""
+        return self._controls.fake_quant
+
+    @property
+    def observer_enabled(self) -> bool:
+        """Whether training forwards (or calibration) update scales."""
+        return self._controls.observe
+
+    def set_phase(self, fake_quant: bool, observe: bool) -> None:
+        """Switch fake quantization and observers on or off (no module is swapped)."""
+        self._controls.fake_quant = bool(fake_quant)
+        self._controls.observe = bool(observe)
+
+    @contextmanager
+    def calibrating(self) -> Iterator[None]:
+        """Observe running min/max of inputs in eval mode, with fake quantization off."""
+        saved = (self._controls.fake_quant, self._controls.observe, self._controls.calibrating)
+        self._controls.fake_quant, self._controls.observe, self._controls.calibrating = (
+            False,
+            True,
+            True,
+        )
+        try:
+            yield
+        finally:
+            self._controls.fake_quant, self._controls.observe, self._controls.calibrating = saved
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """The plain float model for the duration (e.g. to export ``model.onnx``)."""
+        saved = (self._controls.fake_quant, self._controls.observe)
+        self._controls.fake_quant = self._controls.observe = False
+        try:
+            yield
+        finally:
+            self._controls.fake_quant, self._controls.observe = saved
+
+    def observer_tensors(self) -> list[torch.Tensor]:
+        """Input ranges of every layer, in a fixed order (what DDP ranks average)."""
+        return [t for q in self.layers.values() for t in (q.input_min, q.input_max)]
+
+    def sync_observers(self, reduce_mean: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace every input range by ``reduce_mean`` of it over processes (one collective)."""
+        if not self.layers:
+            return
+        flat = torch.stack(self.observer_tensors())
+        flat = reduce_mean(flat)
+        for index, quantizer in enumerate(self.layers.values()):
+            quantizer.input_min = flat[2 * index].clone()
+            quantizer.input_max = flat[2 * index + 1].clone()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Spec, phase and every layer's observers, in plain types."""
+        return {
+            "format": STATE_FORMAT,
+            "version": _STATE_VERSION,
+            "spec": self.spec.to_dict(),
+            "fake_quant_enabled": self._controls.fake_quant,
+            "observer_enabled": self._controls.observe,
+            "layers": {name: q.state_dict() for name, q in self.layers.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; the layers must be the same.
+
+        Raises:
+            QuantizationError: the state is not a quantization state, or its layers or spec differ.
+        """
+        check_state(state)
+        saved = set(state["layers"])
+        if saved != set(self.layers):
+            raise QuantizationError(
+                "the saved quantization state covers layers "
+                f"{sorted(saved)}, but this model quantizes {sorted(self.layers)}."
+            )
+        spec = QuantSpec.from_dict(state["spec"])
+        if spec != self.spec:
+            raise QuantizationError(
+                f"the saved quantization state was made with {spec}, this model uses {self.spec}."
+            )
+        for name, quantizer in self.layers.items():
+            quantizer.load_state_dict(state["layers"][name], name)
+        self.set_phase(bool(state["fake_quant_enabled"]), bool(state["observer_enabled"]))
+
+    def remove(self) -> None:
+        """Give every layer its own forward back."""
+        for quantizer in self.layers.values():
+            vars(quantizer.module).pop("forward", None)
+        self.layers = {}
+
+
+def check_state(state: Any) -> None:
+    """Raise :class:`QuantizationError` unless ``state`` is a :meth:`QuantizedModel.state_dict`."""
+    if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
+        raise QuantizationError(f"not a {STATE_FORMAT} state: {type(state).__name__}.")
+    if int(state.get("version", -1)) != _STATE_VERSION:
+        raise QuantizationError(
+            f"quantization state version {state.get('version')} is not supported "
+            f"(this lightning_sparse reads version {_STATE_VERSION})."
+        )
+
+
+def install(model: nn.Module, names: Sequence[str], spec: QuantSpec) -> QuantizedModel:
+    """Quantize the layers ``names`` of ``model`` (off until :meth:`QuantizedModel.set_phase`).
+
+    Raises:
+        QuantizationError: a name is not a Conv/Linear layer of ``model``, or is quantized already.
+    """
+    modules = dict(model.named_modules())
+    controls = _Controls()
+    layers: dict[str, LayerQuantizer] = {}
+    for name in names:
+        module = modules.get(name)
+        if not isinstance(module, QUANTIZABLE_TYPES):
+            raise QuantizationError(f"{name!r} is not a Conv1d/2d/3d or Linear layer of the model.")
+        if _quant_forward(module) is not None:
+            raise QuantizationError(
+                f"layer {name!r} is quantized already (by another QAT instance or PTQ); "
+                "give each instance disjoint layers with `ignore`."
+            )
+        layers[name] = LayerQuantizer(module, spec, controls)
+    for name, quantizer in layers.items():
+        vars(quantizer.module)["forward"] = _QuantForward(quantizer, name)
+    return QuantizedModel(model, layers, spec, controls)
+
+
+def restore(model: nn.Module, state: Mapping[str, Any]) -> QuantizedModel:
+    """Install quantization on ``model`` from a saved state (layers, spec, phase, observers)."""
+    check_state(state)
+    handle = install(model, list(state["layers"]), QuantSpec.from_dict(state["spec"]))
+    handle.load_state_dict(state)
+    return handle
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor) -> tuple[Any, Any]:
+    """Export ``model`` with a dynamic batch; return (optimized fp32 proto, unoptimized proto).
+
+    The unoptimized graph keeps every parameter as an initializer under its ``state_dict`` name
+    and BatchNormalization as its own node, which :func:`quantize_onnx` relies on; the optimized
+    one (constant folding, Conv-BN fusion by onnxscript) is the fp32 deliverable.
+    """
+    # The dynamo exporter is the maintained one; the TorchScript exporter refuses int8 ranges
+    # such as [-127, 127] and is deprecated.
+    program = torch.onnx.export(
+        model,
+        (example,),
+        dynamo=True,
+        dynamic_shapes=({0: "batch"},),
+        optimize=False,
+        verbose=False,
+    )
+    assert program is not None
+    base = program.model_proto
+    program.optimize()
+    return program.model_proto, base
+
+
+@dataclass
+class OnnxLayerQuant:
+    """What :func:`quantize_onnx` needs about one quantized layer (numpy arrays).
+
+    Attributes:
+        weight: integer weight, int8, shaped like the parameter.
+        weight_scale: float32, one per output channel or a single one.
+        weight_zero_point: int8, same shape as ``weight_scale``.
+        input_scale: float32 scalar.
+        input_zero_point: uint8 scalar.
+        symmetric: weights have zero point 0.
+    """
+
+    weight: np.ndarray
+    weight_scale: np.ndarray
+    weight_zero_point: np.ndarray
+    input_scale: np.ndarray
+    input_zero_point: np.ndarray
+    symmetric: bool
+
+
+def onnx_layer_quant(quantizer: LayerQuantizer) -> OnnxLayerQuant:
+    """The numbers of one layer as ONNX wants them."""
+    scale, zero_point = quantizer.input_qparams()
+    return OnnxLayerQuant(
+        weight=quantizer.integer_weight().cpu().numpy(),
+        weight_scale=quantizer.weight_scale.detach().cpu().numpy().astype(np.float32),
+        weight_zero_point=quantizer.weight_zero_point.cpu().numpy().astype(np.int8),
+        input_scale=np.asarray(scale.item(), dtype=np.float32),
+        input_zero_point=np.asarray(int(zero_point.item()), dtype=np.uint8),
+        symmetric=quantizer.spec.symmetric,
+    )
+
+
+_COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def quantize_onnx(base: Any, layers: Mapping[str, OnnxLayerQuant]) -> Any:
+    """A QDQ int8 copy of the unoptimized ``base`` graph, with ``layers``' learned scales.
+
+    ``layers`` maps each quantized weight's parameter name (``model.fc1.weight``) to its numbers.
+    Every use of that weight then reads DequantizeLinear(int8, scale, zero point, axis=0); its
+    Conv/Gemm/MatMul reads its data input through QuantizeLinear -> DequantizeLinear (uint8); a
+    float bias becomes int32 with scale ``input_scale * weight_scale`` (what the integer kernels
+    accumulate in). A BatchNormalization fed only by a quantized Conv is folded into it: each
+    output channel's factor ``gamma / sqrt(var + eps)`` multiplies that channel's scale, so the
+    integers are those of training and the folding is exact.
+
+    Raises:
+        QuantizationError: a quantized weight is not an initializer of the graph, or feeds no
+            Conv/Gemm/MatMul.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.ModelProto()
+    model.CopyFrom(base)
+    graph = model.graph
+    inits = {init.name: init for init in graph.initializer}
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for tensor in node.input:
+            consumers.setdefault(tensor, []).append(node)
+
+    def add_init(array: np.ndarray, name: str) -> str:
+        graph.initializer.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def drop_init(name: str) -> None:
+        graph.initializer.remove(inits.pop(name))
+
+    front: list[Any] = []  # DequantizeLinear of constants: no inputs, so they may come first
+    before: dict[int, list[Any]] = {}  # id(node) -> nodes to insert right before it
+    removed: set[int] = set()
+    renamed: dict[str, str] = {}
+    for weight_name, quant in layers.items():
+        if weight_name not in inits:
+            raise QuantizationError(
+                f"the ONNX graph has no initializer {weight_name!r}; cannot quantize that layer "
+                f"(initializers: {sorted(inits)[:10]}...)."
+            )
+        users = [
+            node
+            for user in consumers.get(weight_name, [])
+            for node in (
+                [user] if user.op_type != "Transpose" else consumers.get(user.output[0], [])
+            )
+            if node.op_type in _COMPUTE_OPS
+        ]
+        if not users:
+            raise QuantizationError(f"{weight_name!r} feeds no Conv/Gemm/MatMul in the ONNX graph.")
+        float_weight = numpy_helper.to_array(inits[weight_name])
+        int_weight = quant.weight.astype(np.int8)
+        scale = np.broadcast_to(quant.weight_scale, (int_weight.shape[0],)).astype(np.float32)
+        zero_point = np.broadcast_to(quant.weight_zero_point, scale.shape).astype(np.int8)
+        bias_name: str | None = None
+        conv = users[0] if len(users) == 1 and users[0].input[1] == weight_name else None
+        if conv is not None and len(conv.input) > 2 and conv.input[2] in inits:
+            bias_name = conv.input[2]
+        bias = numpy_helper.to_array(inits[bias_name]) if bias_name else None
+        # Conv-BN folding: only where the Conv's output goes to the BN alone.
+        if conv is not None and conv.op_type == "Conv":
+            next_nodes = consumers.get(conv.output[0], [])
+            bn = next_nodes[0] if len(next_nodes) == 1 else None
+            if (
+                bn is not None
+                and bn.op_type == "BatchNormalization"
+                and len(bn.output) == 1
+                and all(name in inits for name in bn.input[1:5])
+            ):
+                gamma, beta, mean, var = (numpy_helper.to_array(inits[n]) for n in bn.input[1:5])
+                eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+                factor = (gamma / np.sqrt(var + eps)).astype(np.float32)
+                sign = np.where(factor < 0, -1, 1).astype(np.int8)
+                # Flipping the sign of -128 would overflow int8: leave such a BN unfolded.
+                foldable = quant.symmetric or bool((sign > 0).all())
+                if foldable:
+                    shape = (-1,) + (1,) * (int_weight.ndim - 1)
+                    int_weight = int_weight * sign.reshape(shape)
+                    zero_point = zero_point * sign
+                    scale = (scale * np.abs(factor)).astype(np.float32)
+                    base_bias = bias if bias is not None else np.zeros_like(mean)
+                    bias = ((base_bias - mean) * factor + beta).astype(np.float32)
+                    if bias_name is None:
+                        # The bias step below writes this new input's value.
+                        bias_name = f"{weight_name}.folded_bias"
+                        if len(conv.input) > 2:  # an empty name stands for "no bias"
+                            conv.input[2] = bias_name
+                        else:
+                            conv.input.append(bias_name)
+                    renamed[conv.output[0]] = bn.output[0]
+                    removed.add(id(bn))
+        if int_weight.shape != float_weight.shape:
+            raise QuantizationError(
+                f"{weight_name!r}: integer weight shape {list(int_weight.shape)} does not match "
+                f"the graph's {list(float_weight.shape)}."
+            )
+        drop_init(weight_name)
+        q_name, s_name, z_name = (
+            f"{weight_name}_{s}" for s in ("quantized", "scale", "zero_point")
+        )
+        add_init(int_weight.astype(np.int8), q_name)
+        add_init(scale, s_name)
+        add_init(zero_point.astype(np.int8), z_name)
+        front.append(
+            helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [weight_name], axis=0)
+        )
+        for index, user in enumerate(users):
+            source = user.input[0]
+            prefix = f"{weight_name}_input" + (str(index) if len(users) > 1 else "")
+            xs = add_init(quant.input_scale.astype(np.float32), f"{prefix}_scale")
+            xz = add_init(quant.input_zero_point.astype(np.uint8), f"{prefix}_zero_point")
+            before.setdefault(id(user), []).extend(
+                [
+                    helper.make_node("QuantizeLinear", [source, xs, xz], [f"{prefix}_q"]),
+                    helper.make_node("DequantizeLinear", [f"{prefix}_q", xs, xz], [f"{prefix}_dq"]),
+                ]
+            )
+            user.input[0] = f"{prefix}_dq"
+        if bias_name is not None and bias is not None and conv is not None:
+            bias_scale = (scale * quant.input_scale).astype(np.float32)
+            int_bias = np.round(bias / bias_scale)
+            if bias_name in inits:
+                drop_init(bias_name)
+            if int_bias.min() >= _INT32[0] and int_bias.max() <= _INT32[1]:
+                bq, bs, bz = (f"{bias_name}_{s}" for s in ("quantized", "scale", "zero_point"))
+                add_init(int_bias.astype(np.int32), bq)
+                add_init(bias_scale, bs)
+                add_init(np.zeros_like(int_bias, dtype=np.int32), bz)
+                front.append(
+                    helper.make_node("DequantizeLinear", [bq, bs, bz], [bias_name], axis=0)
+                )
+            else:
+                # A bias too large for int32 at this scale (a channel whose weights are all
+                # pruned): keep it float; ONNX Runtime then leaves this layer unfused.
+                add_init(bias.astype(np.float32), bias_name)
+
+    nodes: list[Any] = list(front)
+    for node in graph.node:
+        if id(node) in removed:
+            continue
+        nodes.extend(before.get(id(node), []))
+        for index, output in enumerate(node.output):
+            if output in renamed:
+                node.output[index] = renamed[output]
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    # Drop initializers no node reads any more (the folded BN's parameters).
+    used = {tensor for node in graph.node for tensor in node.input}
+    for init in list(graph.initializer):
+        if init.name not in used:
+            graph.initializer.remove(init)
+    onnx.checker.check_model(model)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX Runtime
+
+
+class OrtModel:
+    """An ONNX Runtime CPU session over one model file.
+
+    Args:
+        path: the ``.onnx`` file.
+        threads: intra-op threads; ``None`` lets ONNX Runtime choose (all cores).
+    """
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # warnings about unused initializers are noise here
+        if threads is not None:
+            options.intra_op_num_threads = int(threads)
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, inputs: np.ndarray) -> np.ndarray:
+        """Logits for a float32 batch."""
+        return np.asarray(self.session.run(None, {self.input_name: inputs})[0])
+
+
+def interleaved_latency_ms(
+    models: Mapping[str, Callable[[np.ndarray], Any]],
+    inputs: np.ndarray,
+    runs: int = 50,
+    warmup: int = 5,
+) -> dict[str, float]:
+    """Median wall-clock milliseconds per call of each model, measured round-robin.
+
+    Alternating the models call by call makes load from other processes hit them alike, so their
+    ratio is meaningful on a shared machine even when absolute numbers drift.
+    """
+    for _ in range(warmup):
+        for model in models.values():
+            model(inputs)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(runs):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model(inputs)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def versions() -> dict[str, str]:
+    """Versions of the backend packages, for reports."""
+    import onnx
+    import onnxruntime
+
+    return {
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
