@@ -6,7 +6,12 @@ shipped recipe without a Hydra app.
 """
 
 from lightning_sparse import recipe
-from lightning_sparse.callbacks import CompressionCallback, ConstantPruning, MagnitudePruning
+from lightning_sparse.callbacks import (
+    CompressionCallback,
+    ConstantPruning,
+    MagnitudePruning,
+    QuantizationAwareTraining,
+)
 from lightning_sparse.module import ClassificationModule, CompressionModule
 
 __all__ = [
@@ -15,6 +20,7 @@ __all__ = [
     "CompressionModule",
     "ConstantPruning",
     "MagnitudePruning",
+    "QuantizationAwareTraining",
     "recipe",
 ]
 __version__ = "0.1.0"

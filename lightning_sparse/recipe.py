@@ -32,7 +32,12 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 from typing_extensions import override
 
-from lightning_sparse.callbacks import ConstantPruning, MagnitudePruning
+from lightning_sparse.callbacks import (
+    ConstantPruning,
+    MagnitudePruning,
+    QuantizationAwareTraining,
+)
+from lightning_sparse.callbacks.quantization import check_quantization_timing, select_layers
 from lightning_sparse.masks import check_compatible, parse_mask_type
 from lightning_sparse.targets import resolve_params
 
@@ -228,8 +233,11 @@ def check_against_model(callbacks: Mapping[str, Callback], pl_module: pl.Lightni
 
     Raises:
         RecipeError: ``params`` match no weight (the candidates are listed); ``mask_type`` does not
-            tile a target; two pruning entries hold the same weight at overlapping epochs.
+            tile a target; two pruning entries hold the same weight at overlapping epochs;
+            quantization has no layer to act on, an ``ignore`` entry matches nothing, or its
+            observers freeze while pruning still changes the weights.
     """
+    _check_quantization(callbacks, pl_module)
     holders: dict[str, tuple[str, tuple[float, float]]] = {}
     for name, callback in callbacks.items():
         if not isinstance(callback, (MagnitudePruning, ConstantPruning)):
@@ -256,6 +264,19 @@ def check_against_model(callbacks: Mapping[str, Callback], pl_module: pl.Lightni
                         f"(epochs from {max(start, window[0]):g}); give them disjoint `params`."
                     )
             holders[param_name] = (name, window)
+
+
+def _check_quantization(callbacks: Mapping[str, Callback], pl_module: pl.LightningModule) -> None:
+    try:
+        check_quantization_timing({f"recipe.{name}": cb for name, cb in callbacks.items()})
+    except ValueError as err:
+        raise RecipeError(str(err)) from err
+    for name, callback in callbacks.items():
+        if isinstance(callback, QuantizationAwareTraining):
+            try:
+                select_layers(pl_module, callback.ignore, callback.exclude_first_last)
+            except ValueError as err:
+                raise RecipeError(f"recipe.{name}: {err}") from err
 
 
 class RecipeRecord(Callback):

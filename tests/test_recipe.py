@@ -227,3 +227,31 @@ def test_active_window_of_leave_enabled_is_open_ended() -> None:
 
     assert _active_window(MagnitudePruning(0.5, end_epoch=2)) == (0.0, math.inf)
     assert _active_window(MagnitudePruning(0.5, end_epoch=2, leave_enabled=False)) == (0.0, 2.0)
+
+
+QAT = "lightning_sparse.callbacks.QuantizationAwareTraining"
+
+
+def test_quantization_freezing_observers_during_pruning_names_both_entries() -> None:
+    recipe = {
+        "pruning": gmp(end_epoch=3),
+        "quantization": {
+            "_target_": QAT,
+            "start_epoch": 1,
+            "disable_quantization_observer_epoch": 2,
+        },
+    }
+    with pytest.raises(
+        RecipeError,
+        match=r"recipe\.quantization\.disable_quantization_observer_epoch=2 freezes .* before "
+        r"recipe\.pruning\.end_epoch=3",
+    ):
+        check_against_model(instantiate_recipe(recipe), cnn())
+
+
+def test_quantization_ignore_matching_nothing_names_the_entry() -> None:
+    recipe = {"quantization": {"_target_": QAT, "start_epoch": 0, "ignore": ["model.fc9"]}}
+    with pytest.raises(
+        RecipeError, match=r"recipe\.quantization: `ignore` entry 'model\.fc9' matches no"
+    ):
+        check_against_model(instantiate_recipe(recipe), cnn())
