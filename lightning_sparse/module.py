@@ -1,24 +1,43 @@
-"""LightningModules that cooperate with compression callbacks.
+"""LightningModules that cooperate with compression callbacks, and loading weights into them.
 
 A Lightning callback cannot add a term to the training loss, so techniques that need one
 (distillation, regularisation) implement ``loss_term(trainer, pl_module, batch, outputs)`` and the
 module adds :meth:`CompressionModule.compression_loss` to its loss (DESIGN.md, contract 7).
+
+:func:`load_weights` starts a model from a previous run (a run dir or a checkpoint file): sparse
+transfer learning, one-shot pruning of a trained model. A checkpoint that does not fit is an error
+naming the first mismatched key; only the classification head may differ, and only in its class
+count, in which case it is swapped for the model's freshly initialised one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-__all__ = ["OPTIMIZERS", "ClassificationModule", "CompressionModule"]
+__all__ = [
+    "CHECKPOINT_IN_RUN_DIR",
+    "OPTIMIZERS",
+    "ClassificationModule",
+    "CompressionModule",
+    "checkpoint_path",
+    "find_head",
+    "load_weights",
+    "read_state_dict",
+]
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+# Where `python -m lightning_sparse.train` (and `.oneshot`) leave the final checkpoint of a run.
+CHECKPOINT_IN_RUN_DIR = Path("checkpoints") / "last.ckpt"
 
 
 class CompressionModule:
@@ -88,12 +107,34 @@ class ClassificationModule(CompressionModule, pl.LightningModule):
         weight_decay: weight decay (decoupled for ``adamw``).
         optimizer: ``adam``, ``adamw`` or ``sgd`` (with ``momentum``).
         momentum: momentum for ``sgd``.
+        init_from: start from these weights: a run dir (its ``checkpoints/last.ckpt``), a Lightning
+            checkpoint of this module, or a plain ``state_dict`` of the backbone (e.g. torchvision
+            weights saved with ``torch.save``). Loaded at construction; every key must match but
+            the head's, which is swapped for a new one when its class count differs. Zeros of a
+            sparse checkpoint come along (hold them with ``ConstantPruning``). When restoring with
+            ``load_from_checkpoint``, pass ``init_from=None``: the checkpoint has the weights.
+        reset_head: always start the head afresh (a new task, even with as many classes).
+        head: name of the classification layer in the backbone (e.g. ``fc``); None takes its last
+            ``nn.Linear``.
+
+    Raises:
+        ValueError: an argument is out of range; the head's outputs differ from ``num_classes``;
+            ``init_from`` does not match the model (the first mismatched key is named); at
+            ``setup``, the data module has another class count.
+        FileNotFoundError: ``init_from`` does not exist or a run dir holds no checkpoint.
 
     Example::
 
         module = ClassificationModule(SmallCNN(), num_classes=10)
         Trainer(callbacks=[MagnitudePruning(final_sparsity=0.9, end_epoch=10)], max_epochs=12).fit(
             module, datamodule=DigitsDataModule()
+        )
+        # Sparse transfer: a pruned run's weights, a new 5-class head, every zero held.
+        module = ClassificationModule(
+            SmallCNN(num_classes=5), num_classes=5, init_from="runs/train/...", reset_head=True
+        )
+        Trainer(callbacks=[ConstantPruning()], max_epochs=10).fit(
+            module, datamodule=DigitsDataModule(classes=[5, 6, 7, 8, 9])
         )
     """
 
@@ -105,6 +146,9 @@ class ClassificationModule(CompressionModule, pl.LightningModule):
         weight_decay: float = 0.0,
         optimizer: str = "adam",
         momentum: float = 0.9,
+        init_from: str | Path | None = None,
+        reset_head: bool = False,
+        head: str | None = None,
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
@@ -117,6 +161,9 @@ class ClassificationModule(CompressionModule, pl.LightningModule):
             raise ValueError(f"`weight_decay`={weight_decay!r} is not allowed; it must be >= 0.")
         if int(num_classes) < 2:
             raise ValueError(f"`num_classes`={num_classes!r} is not allowed; it must be >= 2.")
+        # A str, not a Path: hyperparameters go into checkpoints, which must load with
+        # `weights_only=True`, and that refuses pathlib objects.
+        init_from = None if init_from is None else str(init_from)
         # The backbone is a module, not a hyperparameter; checkpoints hold its weights instead.
         self.save_hyperparameters(ignore=["model"])
         self.model = model
@@ -124,6 +171,47 @@ class ClassificationModule(CompressionModule, pl.LightningModule):
         self.train_acc = MulticlassAccuracy(self.num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(self.num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(self.num_classes, average="micro")
+        found = find_head(model, head)
+        self.head_name = found[0] if found else None
+        if found and found[1].out_features != self.num_classes:
+            raise ValueError(
+                f"`num_classes`={self.num_classes} but the backbone's head `{found[0]}` has "
+                f"{found[1].out_features} outputs; build the backbone for {self.num_classes} "
+                "classes too (the model configs pass it ${data.num_classes})"
+                + ("" if head else ", or name the classification layer with `head`")
+                + "."
+            )
+        if reset_head and init_from is None:
+            raise ValueError(
+                "`reset_head`=True needs `init_from`, the run dir or checkpoint to start from "
+                "(with Hydra: model.init_from=...): a new head only makes sense on loaded weights."
+            )
+        if init_from is not None:
+            if self.head_name is None and reset_head:
+                raise ValueError(
+                    "`reset_head`=True but the backbone has no nn.Linear to take for its head; "
+                    "name the classification layer with `head`."
+                )
+            load_weights(
+                self,
+                init_from,
+                head=f"model.{self.head_name}" if self.head_name else None,
+                reset_head=reset_head,
+            )
+
+    @override
+    def setup(self, stage: str) -> None:
+        # Labels past the head would fail deep inside cross_entropy; a data module that states its
+        # class count lets this fail first, naming both numbers.
+        # `Trainer.datamodule` is set at runtime by its data connector, not declared on the class.
+        datamodule = vars(self._trainer).get("datamodule") if self._trainer is not None else None
+        data_classes = getattr(datamodule, "num_classes", None)
+        if isinstance(data_classes, int) and data_classes != self.num_classes:
+            raise ValueError(
+                f"`num_classes`={self.num_classes} but the data module "
+                f"({type(datamodule).__name__}) has {data_classes} classes; set the model's "
+                f"num_classes (and its head's) to {data_classes}."
+            )
 
     @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -172,3 +260,158 @@ class ClassificationModule(CompressionModule, pl.LightningModule):
         if name == "adamw":
             return torch.optim.AdamW(params, lr=lr, weight_decay=decay)
         return torch.optim.SGD(params, lr=lr, momentum=self.hparams["momentum"], weight_decay=decay)
+
+
+def find_head(model: nn.Module, head: str | None = None) -> tuple[str, nn.Linear] | None:
+    """The classification layer of ``model``: the ``nn.Linear`` named ``head``, else the last one.
+
+    Returns:
+        ``(name in model, layer)``, or None when ``head`` is None and there is no ``nn.Linear``.
+
+    Raises:
+        ValueError: ``head`` names no ``nn.Linear`` of ``model``.
+    """
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if head is None:
+        return linears[-1] if linears else None
+    for name, module in linears:
+        if name == head:
+            return name, module
+    raise ValueError(
+        f"`head`={head!r} is not an nn.Linear of the backbone; its Linear layers: "
+        f"{[name for name, _ in linears] or 'none'}."
+    )
+
+
+def checkpoint_path(path: str | Path, field: str = "init_from") -> Path:
+    """The checkpoint file ``path`` names: itself, or a run dir's ``checkpoints/last.ckpt``.
+
+    Raises:
+        FileNotFoundError: nothing at ``path``, or a directory without ``checkpoints/last.ckpt``;
+            the message names ``field``.
+    """
+    given = Path(path).expanduser()
+    if given.is_dir():
+        candidate = given / CHECKPOINT_IN_RUN_DIR
+        if candidate.is_file():
+            return candidate
+        raise FileNotFoundError(
+            f"`{field}`={str(path)!r} is a directory without {CHECKPOINT_IN_RUN_DIR}: give a run "
+            "dir of `python -m lightning_sparse.train` (or `.oneshot`) or a checkpoint file."
+        )
+    if not given.is_file():
+        raise FileNotFoundError(
+            f"`{field}`={str(path)!r} does not exist; give a run dir or a checkpoint file."
+        )
+    return given
+
+
+def read_state_dict(path: str | Path, field: str = "init_from") -> dict[str, torch.Tensor]:
+    """The weights in a run dir, a Lightning checkpoint or a plain ``state_dict`` file.
+
+    Read with ``torch.load(weights_only=True)`` onto the CPU: a checkpoint cannot run code.
+
+    Raises:
+        FileNotFoundError: see :func:`checkpoint_path`.
+        ValueError: the file is not a checkpoint (not loadable, or no tensors in it).
+    """
+    file = checkpoint_path(path, field)
+    try:
+        loaded = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(
+            f"`{field}`={str(path)!r}: {file} is not a loadable checkpoint ({err})."
+        ) from err
+    state = loaded.get("state_dict", loaded) if isinstance(loaded, Mapping) else None
+    if not isinstance(state, Mapping) or not any(
+        isinstance(v, torch.Tensor) for v in state.values()
+    ):
+        raise ValueError(
+            f"`{field}`={str(path)!r}: {file} holds no weights (expected a Lightning checkpoint "
+            "with a `state_dict`, or a state_dict of tensors)."
+        )
+    return {str(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _shape(tensor: torch.Tensor) -> list[int]:
+    return list(tensor.shape)
+
+
+def load_weights(
+    module: nn.Module,
+    path: str | Path,
+    *,
+    head: str | None = None,
+    reset_head: bool = False,
+    field: str = "init_from",
+) -> list[str]:
+    """Load the weights at ``path`` into ``module``, every key matched; swap the head if asked.
+
+    A plain backbone ``state_dict`` (no key starting with ``model.``) is read as the ``model.``
+    backbone of a :class:`ClassificationModule`. With ``head`` given (its name in ``module``, e.g.
+    ``model.fc2``), the head is left as initialised, i.e. swapped, when ``reset_head`` is set or
+    when the checkpoint's head has another class count; every other key must match exactly.
+
+    Args:
+        module: the model to fill, e.g. a :class:`ClassificationModule`.
+        path: run dir, Lightning checkpoint, or ``state_dict`` file.
+        head: name of the head layer in ``module``; None: nothing may differ (one-shot pruning).
+        reset_head: never load the head.
+        field: the argument name used in error messages.
+
+    Returns:
+        The keys left as initialised (the head's when it was swapped), in ``module``'s order.
+
+    Raises:
+        FileNotFoundError: see :func:`checkpoint_path`.
+        ValueError: the checkpoint does not match: the message names the first mismatched key
+            (missing, unexpected or of another shape) and how many keys differ.
+    """
+    state = read_state_dict(path, field)
+    target = module.state_dict()
+    prefixed = all(k.startswith("model.") for k in target)
+    if prefixed and not any(k.startswith("model.") for k in state):
+        state = {f"model.{k}": v for k, v in state.items()}
+    head_keys = [k for k in target if head is not None and k.startswith(f"{head}.")]
+    head_weight = f"{head}.weight"
+    swap = bool(head_keys) and (
+        reset_head
+        or (
+            head_weight in state
+            and state[head_weight].dim() == 2
+            and state[head_weight].shape[1:] == target[head_weight].shape[1:]
+            and any(k in state and state[k].shape != target[k].shape for k in head_keys)
+        )
+    )
+    skipped = head_keys if swap else []
+    problems: list[str] = []
+    for key, value in target.items():
+        if key in skipped:
+            continue
+        if key not in state:
+            problems.append(f"{key!r} is missing from the checkpoint")
+        elif state[key].shape != value.shape:
+            problems.append(
+                f"{key!r} has shape {_shape(state[key])} in the checkpoint but "
+                f"{_shape(value)} in the model"
+            )
+    problems += [
+        f"{key!r} is in the checkpoint but not in the model"
+        for key in state
+        if key not in target and key not in skipped
+    ]
+    if problems:
+        raise ValueError(
+            f"`{field}`={str(path)!r} does not match the model; first mismatched key: "
+            f"{problems[0]} ({len(problems)} mismatched keys in all). Is it a checkpoint of this "
+            "model, built with the same config?"
+        )
+    module.load_state_dict({k: v for k, v in state.items() if k not in skipped}, strict=False)
+    if swap:
+        old = state.get(head_weight)
+        classes = f"{old.shape[0]} classes in the checkpoint" if old is not None else "no head"
+        rank_zero_info(
+            f"{field}: loaded {path}; new head `{head}` for {target[head_weight].shape[0]} classes "
+            f"({classes}{', reset_head' if reset_head else ''})."
+        )
+    return skipped

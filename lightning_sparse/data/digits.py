@@ -10,7 +10,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import TensorDataset
 
-from lightning_sparse.data.base import TensorDataModule, as_dataset
+from lightning_sparse.data.base import TensorDataModule, as_dataset, check_classes, select_classes
 
 __all__ = ["DIGITS_SHAPE", "DigitsDataModule"]
 
@@ -31,13 +31,18 @@ class DigitsDataModule(TensorDataModule):
         split_seed: seed of the split; keep it fixed to compare runs.
         seed: seed of the training shuffle (set to the run's seed by the configs).
         num_workers: ``DataLoader`` worker processes.
-        num_classes: use the digits ``0..num_classes-1`` only (2 to 10).
+        num_classes: use the digits ``0..num_classes-1`` only (2 to 10); with ``classes``, it
+            must equal ``len(classes)`` (None: taken from ``classes``, else 10).
         input_shape: must be ``(1, 8, 8)``; stated so that model configs can interpolate it.
+        classes: keep only these digits, relabelled ``0..len(classes)-1`` in the order given,
+            e.g. ``[5, 6, 7, 8, 9]`` for a transfer task whose label 0 is the digit 5. None keeps
+            ``0..num_classes-1``.
 
     Example::
 
         datamodule = DigitsDataModule(batch_size=64)
         Trainer(max_epochs=5).fit(ClassificationModule(SmallCNN()), datamodule=datamodule)
+        upper = DigitsDataModule(classes=[5, 6, 7, 8, 9])  # 5 classes: digit 5 is label 0
     """
 
     def __init__(
@@ -48,16 +53,16 @@ class DigitsDataModule(TensorDataModule):
         split_seed: int = 0,
         seed: int = 0,
         num_workers: int = 0,
-        num_classes: int = 10,
+        num_classes: int | None = None,
         input_shape: Sequence[int] = DIGITS_SHAPE,
+        classes: Sequence[int] | None = None,
     ) -> None:
         if tuple(int(d) for d in input_shape) != DIGITS_SHAPE:
             raise ValueError(
                 f"`input_shape`={list(input_shape)} is not allowed; the digits are "
                 f"{list(DIGITS_SHAPE)} images."
             )
-        if not 2 <= int(num_classes) <= 10:
-            raise ValueError(f"`num_classes`={num_classes!r} is not allowed; it must be in 2..10.")
+        chosen = check_classes(classes, num_classes, available=10)
         for field, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0 < value < 1:
                 raise ValueError(f"`{field}`={value!r} is not allowed; it must be in (0, 1).")
@@ -66,15 +71,17 @@ class DigitsDataModule(TensorDataModule):
                 f"`val_fraction` + `test_fraction` = {val_fraction + test_fraction:g} leaves no "
                 "training data; their sum must be < 1."
             )
-        super().__init__(num_classes, DIGITS_SHAPE, batch_size, seed, num_workers)
+        count = len(chosen) if chosen is not None else 10
+        super().__init__(count, DIGITS_SHAPE, batch_size, seed, num_workers)
+        self.classes = chosen
         self.val_fraction = float(val_fraction)
         self.test_fraction = float(test_fraction)
         self.split_seed = int(split_seed)
 
     def _build(self) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
-        digits = load_digits(n_class=self.num_classes)
-        images = np.asarray(digits.images, dtype=np.float32) / 16.0
-        labels = np.asarray(digits.target, dtype=np.int64)
+        digits = load_digits()
+        keep, labels = select_classes(np.asarray(digits.target, dtype=np.int64), self.classes)
+        images = np.asarray(digits.images, dtype=np.float32)[keep] / 16.0
         index = np.arange(len(labels))
         rest, test = train_test_split(
             index,
