@@ -16,11 +16,11 @@ quantization will go, to calibrate the weights that are finally kept).
 
 Examples::
 
-    python -m lightning_sparse.oneshot checkpoint=runs/train/2026-01-01/12-00-00
+    python -m lightning_sparse.oneshot ckpt_path=runs/train/2026-01-01/12-00-00
     python -m lightning_sparse.oneshot recipe=oneshot_wanda oneshot.pruning.sparsity=0.7 \\
-        checkpoint=runs/train/2026-01-01/12-00-00 finetune_epochs=3
+        ckpt_path=runs/train/2026-01-01/12-00-00 finetune_epochs=3
     python -m lightning_sparse.oneshot -m recipe=oneshot_magnitude,oneshot_wanda \\
-        oneshot.pruning.sparsity=0.5,0.7,0.9 checkpoint=...
+        oneshot.pruning.sparsity=0.5,0.7,0.9 ckpt_path=...
 
 From Python::
 
@@ -55,6 +55,8 @@ from typing_extensions import override
 from lightning_sparse import report
 from lightning_sparse.callbacks import ConstantPruning, MagnitudePruning
 from lightning_sparse.callbacks.base import to_plain
+from lightning_sparse.callbacks.quantization import ptq_calibrate, ptq_check
+from lightning_sparse.export import export_model
 from lightning_sparse.masks import check_compatible, parse_mask_type
 from lightning_sparse.module import CHECKPOINT_IN_RUN_DIR, checkpoint_path, load_weights
 from lightning_sparse.pruning_criteria import (
@@ -247,6 +249,90 @@ class OneShotPruning(OneShotStep):
         }
 
 
+class OneShotQuantization(OneShotStep):
+    """Post-training quantization (PTQ): calibrate int8 scales on training batches, no training.
+
+    When it acts: once, after the optional fine-tune (``after_finetune``), so the scales fit the
+    final weights. Observers record each quantized layer's weight range and input range over
+    ``calibration_batches`` batches; the model then computes with fake-quantized weights and
+    inputs, exactly what the export writes to ``model_int8.onnx``. Pruned zeros stay zero
+    (symmetric weights quantize 0 to 0).
+
+    Args:
+        calibration_batches: training batches to calibrate on (at least 1).
+        num_bits: bits per weight, 8 or 4 (inputs are always 8-bit).
+        symmetric: symmetric weights (zero point 0).
+        per_channel: one weight scale per output channel.
+        ignore: layers left in float: names, ``re:`` patterns or type names.
+        exclude_first_last: leave the first and last Conv/Linear layers in float.
+
+    Raises:
+        ValueError: at construction, ``calibration_batches`` < 1; at ``check``, a bad option, an
+            ``ignore`` entry that matches nothing, or a layer that is quantized already.
+
+    Example::
+
+        summary = oneshot(module, datamodule, [OneShotQuantization(calibration_batches=16)])
+    """
+
+    after_finetune: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        calibration_batches: int = 16,
+        num_bits: int = 8,
+        symmetric: bool = True,
+        per_channel: bool = True,
+        ignore: str | Sequence[str] = (),
+        exclude_first_last: bool = False,
+    ) -> None:
+        if (
+            not isinstance(calibration_batches, int)
+            or isinstance(calibration_batches, bool)
+            or calibration_batches < 1
+        ):
+            raise ValueError(
+                f"`calibration_batches`={calibration_batches!r} is not allowed; post-training "
+                "quantization needs an integer >= 1."
+            )
+        plain = to_plain(ignore)
+        self._calibration_batches = calibration_batches
+        self.options: dict[str, Any] = {
+            "num_bits": num_bits,
+            "symmetric": symmetric,
+            "per_channel": per_channel,
+            "ignore": [plain] if isinstance(plain, str) else list(plain),
+            "exclude_first_last": exclude_first_last,
+        }
+        self.quantization_state: dict[str, Any] | None = None
+
+    @property
+    @override
+    def calibration_batches(self) -> int:
+        return self._calibration_batches
+
+    @override
+    def check(self, module: nn.Module) -> None:
+        ptq_check(module, **self.options)
+
+    @override
+    def apply(self, module: nn.Module, calibration: Sequence[Any]) -> dict[str, Any]:
+        batches = list(calibration[: self._calibration_batches])
+        handle = ptq_calibrate(module, batches, **self.options)
+        # The checkpoint carries the scales (the export finds them by their format tag).
+        self.quantization_state = handle.state_dict()
+        return {
+            **self.config(),
+            "calibration_batches_used": len(batches),
+            "calibration_samples": sum(_batch_size(batch) for batch in batches),
+            "quantized_layers": sorted(handle.layers),
+        }
+
+    @override
+    def config(self) -> dict[str, Any]:
+        return {"calibration_batches": self._calibration_batches, **self.options}
+
+
 def _batch_size(batch: Any) -> int:
     inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
     return int(inputs.shape[0]) if isinstance(inputs, torch.Tensor) else 1
@@ -264,6 +350,8 @@ class OneShotRecord(Callback):
         self.recipe_name = recipe_name
         self.steps = dict(steps)
         self.reports: dict[str, Any] = {}
+        # Scales of a post-training quantization step, under the key the export looks for.
+        self.quantization: dict[str, Any] | None = None
 
     @property
     @override
@@ -272,7 +360,10 @@ class OneShotRecord(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"name": self.recipe_name, "steps": self.steps, "reports": self.reports}
+        state = {"name": self.recipe_name, "steps": self.steps, "reports": self.reports}
+        if self.quantization is not None:
+            state["quantization"] = self.quantization
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -556,6 +647,8 @@ def execute(
     late = {n: s for n, s in plan.steps.items() if s.after_finetune}
     for name, step in late.items():
         record.reports[name] = step.apply(plan.module, plan.calibration)
+        if isinstance(step, OneShotQuantization):
+            record.quantization = step.quantization_state
     final = _measure(plan, evaluator, names) if late else (finetuned or after)
 
     checkpoint = None
@@ -698,7 +791,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     Raises:
         RecipeError: an invalid ``oneshot`` step or fine-tune ``recipe`` entry.
-        FileNotFoundError: ``checkpoint`` does not exist (or is a run dir without a checkpoint),
+        FileNotFoundError: ``ckpt_path`` does not exist (or is a run dir without a checkpoint),
             or the data are missing.
         ValueError: the checkpoint does not match the model (the first mismatched key is
             named); see :func:`prepare` for the rest.
@@ -715,12 +808,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )
     finetune_recipe = recipe_to_dict(cfg.get("recipe"))
     finetune_callbacks = instantiate_recipe(finetune_recipe, trainer_kwargs)
-    source = str(checkpoint_path(cfg.checkpoint, field="checkpoint"))
+    source = str(checkpoint_path(cfg.ckpt_path, field="ckpt_path"))
 
     datamodule: pl.LightningDataModule = instantiate(cfg.data)
     module: pl.LightningModule = instantiate(cfg.model)
     # One-shot compresses the very model that was trained: no key, not even the head, may differ.
-    load_weights(module, source, head=None, field="checkpoint")
+    load_weights(module, source, head=None, field="ckpt_path")
     check_against_model(finetune_callbacks, module)
     plan = prepare(
         module,
@@ -745,6 +838,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         seed=int(cfg.seed),
         source=source,
     )
+    if cfg.get("export", True):
+        # ONNX fp32 (and int8 after PTQ) plus the compressed checkpoint, as `train` writes them.
+        summary.update(export_model(plan.module, datamodule, run_dir / "export"))
     report.write_summary(summary, run_dir)
     report.print_summary(summary)
     Console().print(stages_table(summary))

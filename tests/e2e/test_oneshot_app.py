@@ -83,7 +83,7 @@ def test_app_prunes_fine_tunes_and_writes_everything(trained: Path, tmp_path: Pa
             sys.executable,
             "-m",
             "lightning_sparse.oneshot",
-            f"checkpoint={trained}",
+            f"ckpt_path={trained}",
             "recipe=oneshot_wanda",
             "oneshot.pruning.sparsity=0.6",
             "oneshot.pruning.calibration_batches=4",
@@ -150,7 +150,7 @@ def test_app_prunes_fine_tunes_and_writes_everything(trained: Path, tmp_path: Pa
 def test_global_and_two_of_four_runs(
     trained: Path, tmp_path: Path, overrides: list[str], check: str
 ) -> None:
-    summary = run_oneshot(tmp_path, f"checkpoint='{trained}'", *overrides)
+    summary = run_oneshot(tmp_path, f"ckpt_path='{trained}'", *overrides)
     layers = summary["sparsity_per_layer"]
     if check == "global":
         assert summary["sparsity"] == pytest.approx(0.9, abs=1e-3)
@@ -170,7 +170,7 @@ def test_global_and_two_of_four_runs(
         (["model=mlp"], ValueError, "first mismatched key: 'model.fc1.weight' has shape"),
         (["model.model.width=16"], ValueError, "'model.conv1.weight' has shape [32, 1, 3, 3]"),
         (["data.classes=[0,1,2,3,4]", "data.num_classes=5"], ValueError, "'model.fc2.weight'"),
-        (["checkpoint=/no/such/run"], FileNotFoundError, "`checkpoint`='/no/such/run'"),
+        (["ckpt_path=/no/such/run"], FileNotFoundError, "`ckpt_path`='/no/such/run'"),
         (
             ["recipe=oneshot_wanda", "oneshot.pruning.calibration_batches=0"],
             RecipeError,
@@ -200,7 +200,7 @@ def test_bad_input_fails_before_any_work(
 ) -> None:
     run_dir = tmp_path / "run"
     with pytest.raises(error) as info:
-        run_oneshot(run_dir, f"checkpoint='{trained}'", *overrides)
+        run_oneshot(run_dir, f"ckpt_path='{trained}'", *overrides)
     assert message in str(info.value)
     assert_nothing_written(run_dir)
 
@@ -224,7 +224,7 @@ def test_real_data_format_and_torchvision_model(tmp_path: Path) -> None:
         tmp_path / "pruned",
         *data,
         *model,
-        f"checkpoint='{tmp_path / 'trained'}'",
+        f"ckpt_path='{tmp_path / 'trained'}'",
         "recipe=oneshot_wanda",
         "oneshot.pruning.calibration_batches=2",
     )
@@ -232,3 +232,55 @@ def test_real_data_format_and_torchvision_model(tmp_path: Path) -> None:
     assert len(layers) == 54  # every conv (depthwise too) and linear of MobileNetV3-small
     assert summary["sparsity"] == pytest.approx(0.7, abs=1e-3)
     assert all(value == pytest.approx(0.7, abs=0.02) for value in layers.values()), layers
+
+
+def test_post_training_quantization_calibrates_evaluates_and_exports_int8(
+    trained: Path, tmp_path: Path
+) -> None:
+    summary = run_oneshot(
+        tmp_path,
+        f"ckpt_path='{trained}'",
+        "recipe=ptq_int8",
+        "oneshot.quantization.calibration_batches=4",
+    )
+    report = summary["steps"]["quantization"]
+    assert report["calibration_batches_used"] == 4
+    assert report["quantized_layers"] == [name.removesuffix(".weight") for name in LAYERS]
+    # no training: the weights are the trained ones, and PTQ costs at most a point of accuracy
+    assert summary["epochs"] == 0
+    assert summary["before"]["test_acc"] - summary["test_acc"] <= 0.01
+    # ONNX Runtime runs the int8 model and agrees with the fp32 one within 0.5 points
+    assert (tmp_path / "export" / "model_int8.onnx").is_file()
+    assert abs(summary["onnx_int8_acc"] - summary["onnx_fp32_acc"]) <= 0.005
+    # the checkpoint carries the calibrated scales, so the export entry can rebuild the int8 model
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["callbacks"]["oneshot"]["quantization"]["format"]
+
+
+def test_post_training_quantization_after_pruning_keeps_the_zeros(
+    trained: Path, tmp_path: Path
+) -> None:
+    summary = run_oneshot(
+        tmp_path,
+        f"ckpt_path='{trained}'",
+        "recipe=ptq_int8",
+        "+oneshot.pruning={_target_: lightning_sparse.oneshot.OneShotPruning, sparsity: 0.5}",
+        "export=false",
+    )
+    # pruning runs first (before the fine-tune slot), quantization last; zeros survive int8
+    assert list(summary["steps"]) == ["pruning", "quantization"]
+    assert summary["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert "onnx_int8_acc" not in summary
+
+
+def test_post_training_quantization_needs_calibration_batches(
+    trained: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(RecipeError, match=r"`calibration_batches`=0 is not allowed"):
+        run_oneshot(
+            tmp_path,
+            f"ckpt_path='{trained}'",
+            "recipe=ptq_int8",
+            "oneshot.quantization.calibration_batches=0",
+        )
+    assert_nothing_written(tmp_path)
