@@ -1,36 +1,100 @@
-"""What a run bought: ``summary.json`` in the run dir and the same as a table on stdout.
+"""What a run bought: ``summary.json``, ``environment.json`` and plots; a table on stdout.
 
 Sparsity is measured on the weights themselves (zeros / elements), never read back from a schedule,
-so the summary shows what the model really holds.
+so the summary shows what the model really holds. A summary carries a ``status``: ``ok``,
+``interrupted`` (training stopped early; what was trained is measured) or ``failed`` (the error
+instead of metrics), so a sweep's comparison can tell the three apart.
+
+Plots use matplotlib's object API on the Agg canvas (no display, no global pyplot state); without
+matplotlib installed (it comes with the ``plots`` extra) they are skipped.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import json
+import logging
 import os
+import platform
+import subprocess
+import sys
 import tempfile
-from collections.abc import Iterable, Mapping
+import traceback
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Callback
 from rich.console import Console
 from rich.table import Table
 from torch import nn
+from typing_extensions import override
 
 from lightning_sparse.targets import prunable_parameters
 
 __all__ = [
+    "ENVIRONMENT_FILE",
+    "PLOTS_DIR",
+    "STATUS_FAILED",
+    "STATUS_INTERRUPTED",
+    "STATUS_OK",
     "SUMMARY_FILE",
+    "SparsityHistory",
     "build_summary",
+    "environment_info",
+    "failure_summary",
+    "plot_pareto",
+    "plot_sparsity_per_layer",
+    "plot_sparsity_schedule",
+    "plots_available",
     "print_summary",
     "pruned_parameter_names",
     "sparsity_stats",
     "summary_table",
+    "tensor_digest",
+    "weights_digest",
+    "write_json",
     "write_summary",
 ]
 
+log = logging.getLogger(__name__)
+
 SUMMARY_FILE = "summary.json"
+ENVIRONMENT_FILE = "environment.json"
+PLOTS_DIR = "plots"
+
+STATUS_OK = "ok"
+STATUS_INTERRUPTED = "interrupted"
+STATUS_FAILED = "failed"
+
+# Distributions whose versions a run records: the core stack, then optional backends (None when
+# not installed). Looked up by distribution name, so nothing here gets imported.
+_CORE_PACKAGES = (
+    "lightning_sparse",
+    "torch",
+    "lightning",
+    "hydra-core",
+    "omegaconf",
+    "torchmetrics",
+)
+_BACKEND_PACKAGES = (
+    "numpy",
+    "torchvision",
+    "wandb",
+    "matplotlib",
+    "hydra-joblib-launcher",
+    "hydra-submitit-launcher",
+    "submitit",
+    "hydra-optuna-sweeper",
+    "optuna",
+    "onnx",
+    "onnxruntime",
+    "torchao",
+    "safetensors",
+)
 
 
 def pruned_parameter_names(model: nn.Module, callbacks: Iterable[object]) -> list[str]:
@@ -80,6 +144,8 @@ def build_summary(
     recipe: Mapping[str, Any],
     checkpoint: str | None,
     run_dir: str | Path,
+    status: str = STATUS_OK,
+    environment: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The run's summary as JSON-ready data.
 
@@ -94,11 +160,14 @@ def build_summary(
         recipe: the resolved recipe.
         checkpoint: path of the last checkpoint, if one was saved.
         run_dir: the run directory.
+        status: ``ok``, or ``interrupted`` when training stopped before its end.
+        environment: :func:`environment_info`, recorded for reproducibility.
     """
     names = pruned_parameter_names(model, callbacks)
     sparsity, per_layer = sparsity_stats(model, names)
     params_total, params_nonzero = _count(model)
     return {
+        "status": status,
         "test_acc": test_acc,
         "val_acc": val_acc,
         "sparsity": sparsity,
@@ -110,28 +179,164 @@ def build_summary(
         "params_nonzero": params_nonzero,
         "checkpoint": checkpoint,
         "run_dir": str(run_dir),
+        "environment": dict(environment) if environment is not None else None,
     }
 
 
-def write_summary(summary: Mapping[str, Any], run_dir: str | Path) -> Path:
-    """Write ``summary.json`` into ``run_dir`` atomically; return its path.
+def failure_summary(
+    error: BaseException,
+    *,
+    seed: int | None,
+    recipe_name: str | None,
+    run_dir: str | Path,
+    environment: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The summary of a run that raised: ``status: failed``, the error and its traceback.
+
+    Metrics are present and null, so a reader can treat every summary alike.
+
+    Args:
+        error: what the run raised.
+        seed: the run's seed, if known.
+        recipe_name: the recipe's name, if known.
+        run_dir: the run directory.
+        environment: :func:`environment_info`.
+    """
+    return {
+        "status": STATUS_FAILED,
+        "error": f"{type(error).__name__}: {error}",
+        "traceback": "".join(traceback.format_exception(error)),
+        "test_acc": None,
+        "val_acc": None,
+        "sparsity": None,
+        "params_nonzero": None,
+        "params_total": None,
+        "recipe": {"name": recipe_name},
+        "seed": seed,
+        "run_dir": str(run_dir),
+        "environment": dict(environment) if environment is not None else None,
+    }
+
+
+def write_json(data: Mapping[str, Any], path: str | Path) -> Path:
+    """Write ``data`` as JSON to ``path`` atomically; return the path.
 
     A reader (a sweep's comparison, a dashboard) never sees a half-written file: the JSON goes to a
     temporary file in the same directory, which then replaces the target in one step.
     """
-    directory = Path(run_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / SUMMARY_FILE
-    descriptor, tmp_name = tempfile.mkstemp(prefix=".summary-", suffix=".json", dir=directory)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, tmp_name = tempfile.mkstemp(
+        prefix=f".{path.stem}-", suffix=".json", dir=path.parent
+    )
     try:
         with os.fdopen(descriptor, "w") as handle:
-            json.dump(summary, handle, indent=2, sort_keys=False)
+            json.dump(data, handle, indent=2, sort_keys=False)
             handle.write("\n")
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_summary(summary: Mapping[str, Any], run_dir: str | Path) -> Path:
+    """Write ``summary.json`` into ``run_dir`` atomically (:func:`write_json`); return its path."""
+    return write_json(summary, Path(run_dir) / SUMMARY_FILE)
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git_commit(directory: Path) -> dict[str, Any]:
+    """Commit and dirtiness of the checkout holding ``directory``; ``unknown`` outside one."""
+    unknown: dict[str, Any] = {"commit": "unknown", "dirty": None}
+    if not any((parent / ".git").exists() for parent in (directory, *directory.parents)):
+        return unknown  # an installed wheel: no checkout, and no git call that could hang
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(directory), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", str(directory), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return unknown
+    return {"commit": commit or "unknown", "dirty": bool(status.strip())}
+
+
+def environment_info() -> dict[str, Any]:
+    """What a rerun needs to match this one: the package's git commit and the software versions.
+
+    ``git.commit`` is ``unknown`` when the package is not in a git checkout (an installed wheel);
+    ``git.dirty`` tells whether tracked files differ from that commit. Backends that are not
+    installed are recorded as ``null``.
+    """
+    package_dir = Path(__file__).resolve().parent
+    return {
+        "git": _git_commit(package_dir),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "versions": {name: _version(name) for name in _CORE_PACKAGES},
+        "backends": {name: _version(name) for name in _BACKEND_PACKAGES},
+        "cuda": torch.version.cuda,
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+    }
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes: equal digests mean equal tensors."""
+    data = tensor.detach().cpu().contiguous()
+    if data.dtype == torch.bool:
+        data = data.to(torch.uint8)
+    digest = hashlib.sha256(f"{data.dtype}{tuple(data.shape)}".encode())
+    digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
+
+
+def weights_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """One SHA-256 over named tensors in name order (e.g. a model's parameters)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensor_digest(tensors[name]).encode())
+    return digest.hexdigest()
+
+
+class SparsityHistory(Callback):
+    """Records the measured sparsity of the pruned weights at the start and after every epoch.
+
+    When it acts: ``on_train_start`` (after the techniques' own start, if it comes after them in
+    the callback list) and ``on_train_epoch_end``. The history feeds the schedule plot; it is
+    measured on the weights, like the summary, so it shows what the schedule really achieved.
+    """
+
+    def __init__(self) -> None:
+        self.history: list[tuple[float, float]] = []
+
+    def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: float) -> None:
+        names = pruned_parameter_names(pl_module, trainer.callbacks)  # type: ignore[attr-defined]
+        self.history.append((epoch, sparsity_stats(pl_module, names)[0]))
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._record(trainer, pl_module, float(trainer.current_epoch))
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._record(trainer, pl_module, float(trainer.current_epoch + 1))
 
 
 def _percent(value: float | None) -> str:
@@ -144,6 +349,9 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
     table = Table(title=f"lightning_sparse: {recipe.get('name') or 'run'}", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value", justify="right")
+    status = summary.get("status", STATUS_OK)
+    if status != STATUS_OK:
+        table.add_row("status", f"[bold red]{status}[/]")
     table.add_row("test accuracy", _percent(summary.get("test_acc")))
     table.add_row("val accuracy", _percent(summary.get("val_acc")))
     table.add_row("sparsity (pruned weights)", _percent(summary.get("sparsity")))
@@ -153,10 +361,29 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
     )
     table.add_row("epochs", str(summary.get("epochs")))
     table.add_row("seed", str(summary.get("seed")))
+    if summary.get("compressed_bytes") is not None:
+        table.add_section()
+        table.add_row("ONNX Runtime fp32 accuracy", _percent(summary.get("onnx_fp32_acc")))
+        if summary.get("onnx_int8_acc") is not None:
+            table.add_row("ONNX Runtime int8 accuracy", _percent(summary.get("onnx_int8_acc")))
+        for key, label in (("ort_fp32_ms", "fp32"), ("ort_int8_ms", "int8")):
+            if summary.get(key) is not None:
+                batch = summary.get("latency_batch_size")
+                table.add_row(
+                    f"ONNX Runtime {label} latency (batch {batch})", f"{summary[key]:.2f} ms"
+                )
+        table.add_row(
+            "dense fp32 / compressed bytes",
+            f"{summary['dense_bytes']:,} / {summary['compressed_bytes']:,} "
+            f"({summary.get('compression_ratio', 0):.1f}x)",
+        )
     table.add_section()
     for name, value in (summary.get("sparsity_per_layer") or {}).items():
         table.add_row(f"  {name}", _percent(value))
     table.add_section()
+    git = (summary.get("environment") or {}).get("git") or {}
+    if git:
+        table.add_row("git commit", f"{git.get('commit')}{' (dirty)' if git.get('dirty') else ''}")
     table.add_row("run dir", str(summary.get("run_dir")))
     return table
 
@@ -164,3 +391,118 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
 def print_summary(summary: Mapping[str, Any], console: Console | None = None) -> None:
     """Print :func:`summary_table` in one console print (call it on rank zero only)."""
     (console or Console()).print(summary_table(summary))
+
+
+def plots_available() -> bool:
+    """Whether matplotlib is installed (the ``plots`` extra)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _figure(width: float, height: float) -> Any:
+    # The object API draws on the Agg canvas without touching pyplot's global state or a display,
+    # so plotting is safe in worker processes and threads of a sweep.
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def plot_sparsity_per_layer(per_layer: Mapping[str, float], path: str | Path) -> Path:
+    """Horizontal bars: the fraction of zeros in each pruned weight; saved as PNG at ``path``."""
+    names = list(per_layer)
+    figure = _figure(7.0, 1.0 + 0.35 * max(len(names), 1))
+    axes = figure.add_subplot()
+    axes.barh(names, [100 * per_layer[name] for name in names], color="tab:blue")
+    axes.invert_yaxis()  # first layer on top, as in the model
+    axes.set_xlim(0, 100)
+    axes.set_xlabel("zeros (%)")
+    axes.set_title("Sparsity per layer")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    return path
+
+
+def plot_sparsity_schedule(
+    history: Sequence[tuple[float, float]],
+    schedules: Mapping[str, Any],
+    max_epochs: float,
+    path: str | Path,
+) -> Path:
+    """Target sparsity of each schedule over epochs (steps) and the measured sparsity (dots).
+
+    Args:
+        history: ``(epoch, measured sparsity)`` pairs, e.g. :attr:`SparsityHistory.history`.
+        schedules: ``{label: schedule}`` with ``sparsity_at(epoch)`` (a ``SparsitySchedule``).
+        max_epochs: right end of the epoch axis.
+        path: where the PNG goes.
+    """
+    figure = _figure(7.0, 4.0)
+    axes = figure.add_subplot()
+    end = max(float(max_epochs), max((epoch for epoch, _ in history), default=0.0), 1.0)
+    samples = 400
+    epochs = [end * i / samples for i in range(samples + 1)]
+    for label, schedule in schedules.items():
+        targets = [100 * schedule.sparsity_at(epoch) for epoch in epochs]
+        axes.step(epochs, targets, where="post", label=f"{label} target")
+    if history:
+        axes.plot(
+            [epoch for epoch, _ in history],
+            [100 * value for _, value in history],
+            "o",
+            color="black",
+            label="measured",
+        )
+    axes.set_xlim(0, end)
+    axes.set_ylim(0, 100)
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("zeros in pruned weights (%)")
+    axes.set_title("Sparsity schedule")
+    axes.legend(loc="lower right")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    return path
+
+
+def plot_pareto(
+    points: Sequence[tuple[str, float, float, bool]], path: str | Path, title: str = ""
+) -> Path:
+    """Accuracy against nonzero parameters, the Pareto front joined by a line; a PNG at ``path``.
+
+    Args:
+        points: ``(label, nonzero params, accuracy in [0, 1], on the Pareto front)`` per run.
+        path: where the PNG goes.
+        title: the plot's title (e.g. the sweep dir).
+    """
+    figure = _figure(7.0, 5.0)
+    axes = figure.add_subplot()
+    others = [p for p in points if not p[3]]
+    front = sorted((p for p in points if p[3]), key=lambda p: p[1])
+    if others:
+        axes.scatter(
+            [p[1] for p in others], [100 * p[2] for p in others], color="tab:gray", label="run"
+        )
+    if front:
+        axes.plot(
+            [p[1] for p in front],
+            [100 * p[2] for p in front],
+            "o-",
+            color="tab:red",
+            label="Pareto front",
+        )
+    for label, size, accuracy, _ in points:
+        axes.annotate(label, (size, 100 * accuracy), textcoords="offset points", xytext=(4, 4))
+    axes.set_xlabel("nonzero parameters")
+    axes.set_ylabel("test accuracy (%)")
+    axes.set_title(title or "Accuracy vs size")
+    if points:
+        axes.legend(loc="lower right")
+    axes.grid(True, alpha=0.3)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    return path

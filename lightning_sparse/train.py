@@ -1,35 +1,60 @@
 """The main job: ``python -m lightning_sparse.train [overrides]`` trains, compresses and reports.
 
-Flow of one run (see DESIGN.md): seed; validate the recipe (nothing is trained or written before it
-passes, apart from Hydra's own ``.hydra/``); build data, model, callbacks and loggers; save the
-resolved recipe; fit; test; write ``summary.json`` and print it as a table. Everything lands in the
-Hydra run dir (``runs/<task_name>/<date>/<time>/``, see ``runs/README.md``).
+Flow of one run (see DESIGN.md): seed; check the trainer's strategy and validate the recipe (nothing
+is trained or written before they pass, apart from Hydra's own ``.hydra/``); build data, model,
+callbacks and loggers; save the resolved recipe and the environment; fit; test; write
+``summary.json``, plots, and print the summary as a table; close the trackers. Everything lands in
+the Hydra run dir (``runs/<task_name>/<date>/<time>/``, see ``runs/README.md``).
+
+A job that raises records ``summary.json`` with ``status: failed`` and the error. In a single run
+the error then propagates (non-zero exit); in a multirun the job returns None instead, so the
+sweep goes on with its other jobs, and the sweep's report (:class:`lightning_sparse.compare.
+SweepReport`) lists the failed jobs and makes the sweep exit non-zero at its end.
 
 Examples::
 
     python -m lightning_sparse.train recipe=gmp recipe.pruning.final_sparsity=0.95 seed=1
-    python -m lightning_sparse.train -m recipe.pruning.final_sparsity=0.8,0.9,0.95
+    python -m lightning_sparse.train -m recipe.pruning.final_sparsity=0.8,0.9,0.95 seed=0,1,2
     python -m lightning_sparse.train trainer=ddp_sim
+    python -m lightning_sparse.train hparams_search=pruning_pareto
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import (
+    Callback,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    RichProgressBar,
+)
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    SingleDeviceStrategy,
+    StrategyRegistry,
+)
+
+# Lightning exports its launchers only under a private name; it is the one way to tell whether the
+# trainer will start its other ranks itself by re-running the command line.
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_sparse import report
+from lightning_sparse import report, tracking
+from lightning_sparse.export import export_model
 from lightning_sparse.recipe import (
     RecipeRecord,
     check_against_model,
@@ -38,17 +63,38 @@ from lightning_sparse.recipe import (
     recipe_to_dict,
 )
 
-__all__ = ["RECIPE_FILE", "main", "run"]
+__all__ = [
+    "OBJECTIVE_KEYS",
+    "RANKS_DIR",
+    "RECIPE_FILE",
+    "ConfigError",
+    "check_strategy",
+    "main",
+    "objective_names",
+    "objective_values",
+    "run",
+]
 
 log = logging.getLogger(__name__)
 
 RECIPE_FILE = "recipe.yaml"
+RANKS_DIR = "ranks"
+# Summary keys a sweeper may optimise (`objectives: [...]` in the config).
+OBJECTIVE_KEYS = ("test_acc", "val_acc", "sparsity", "params_nonzero", "params_total")
+
+
+class ConfigError(ValueError):
+    """The run's configuration cannot work; the message names the config key and the fix."""
 
 
 def _is_rank_zero() -> bool:
     # Set from the launcher's environment at import, so it is right before the Trainer has set up
     # the process group (a DDP child process reports global rank 0 until then).
     return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def _is_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def _run_dir(cfg: DictConfig) -> Path:
@@ -65,10 +111,102 @@ def _recipe_name(cfg: DictConfig) -> str | None:
     return str(name) if name is not None else None
 
 
-def _loggers(cfg: DictConfig) -> list[Logger] | bool:
+def _supports_whole_parameters(strategy: type) -> bool:
+    # DeepSpeed derives from DDPStrategy but shards parameters (ZeRO), so it is excluded by name.
+    return issubclass(strategy, (DDPStrategy, SingleDeviceStrategy)) and not issubclass(
+        strategy, DeepSpeedStrategy
+    )
+
+
+def check_strategy(trainer_kwargs: Mapping[str, Any]) -> None:
+    """Refuse a ``trainer.strategy`` that shards parameters (FSDP, DeepSpeed), before any work.
+
+    The compression callbacks refuse such strategies too, but only in ``setup``, after data and
+    model are built and processes launched; this check names the config key at once.
+
+    Raises:
+        ConfigError: the strategy keeps parameters sharded across processes; the message lists the
+            strategies that work.
+    """
+    strategy = trainer_kwargs.get("strategy", "auto")
+    # Unknown names are left to Lightning, whose error lists its registry.
+    if not isinstance(strategy, str) or strategy == "auto" or strategy not in StrategyRegistry:
+        return
+    strategy_class = StrategyRegistry[strategy]["strategy"]
+    if _supports_whole_parameters(strategy_class):
+        return
+    supported = sorted(
+        name
+        for name in StrategyRegistry.available_strategies()
+        if _supports_whole_parameters(StrategyRegistry[name]["strategy"])
+        and not name.startswith(("single_tpu", "single_xla", "xla"))
+    )
+    raise ConfigError(
+        f"trainer.strategy={strategy!r} ({strategy_class.__name__}) is not supported: compression "
+        "needs every parameter whole on each process (masks, sparsity measurement), and this "
+        "strategy shards them. Use trainer.strategy=ddp for several GPUs or nodes; supported: "
+        f"auto, {', '.join(supported)}."
+    )
+
+
+def _check_launch(trainer: pl.Trainer) -> None:
+    """Refuse a trainer that would start its own DDP processes inside a Hydra multirun.
+
+    Lightning starts ranks 1.. of ``strategy=ddp`` by re-running the command line; inside a
+    multirun that command is the whole sweep, so every rank would run every job.
+    """
+    if not _is_multirun():
+        return
+    if isinstance(getattr(trainer.strategy, "launcher", None), _SubprocessScriptLauncher):
+        raise ConfigError(
+            "trainer.strategy=ddp with several local processes cannot run inside a Hydra "
+            "multirun: Lightning starts the other ranks by re-running the command line, which "
+            "would re-run the whole sweep in each of them. In a local sweep give each job one "
+            "process (trainer=cpu or trainer=gpu; jobs in parallel with hydra/launcher=joblib); "
+            "on a cluster use hydra/launcher=slurm (one task per device) or torchrun, which "
+            "start every rank themselves."
+        )
+
+
+def objective_names(cfg: DictConfig) -> list[str]:
+    """The summary keys ``main`` returns to a sweeper (``objectives`` in the config).
+
+    Raises:
+        ConfigError: ``objectives`` is empty or names a key that is not in :data:`OBJECTIVE_KEYS`.
+    """
+    raw = cfg.get("objectives") or ["test_acc"]
+    names = [str(raw)] if isinstance(raw, str) else [str(name) for name in raw]
+    for name in names:
+        if name not in OBJECTIVE_KEYS:
+            raise ConfigError(
+                f"objectives: {name!r} is not a summary metric; choose from {OBJECTIVE_KEYS}."
+            )
+    return names
+
+
+def objective_values(
+    summary: Mapping[str, Any], names: Sequence[str]
+) -> float | list[float] | None:
+    """What a sweeper gets: one float, a list of floats (multi-objective), or None.
+
+    None stands for "no result" (a failed or interrupted run, or a metric that was not measured):
+    Hydra's Optuna sweeper records such a trial as failed and goes on, while a NaN in a
+    multi-objective list would make Optuna raise and stop the search.
+    """
+    if summary.get("status", report.STATUS_OK) != report.STATUS_OK:
+        return None
+    values: list[float] = []
+    for name in names:
+        value = summary.get(name)
+        if value is None or not math.isfinite(float(value)):
+            return None
+        values.append(float(value))
+    return values[0] if len(values) == 1 else values
+
+
+def _loggers(cfg: DictConfig) -> list[Logger]:
     nodes = cfg.get("logger") or {}
-    loggers = [instantiate(node) for node in nodes.values() if node and "_target_" in node]
-    return loggers or False
+    return [instantiate(node) for node in nodes.values() if node and "_target_" in node]
 
 
 def _progress_bar(trainer_kwargs: dict[str, Any]) -> list[Callback]:
@@ -85,6 +223,14 @@ def _metric(metrics: Mapping[str, Any], key: str) -> float | None:
     return None if value is None else float(value)
 
 
+def _resolved_config(cfg: DictConfig) -> dict[str, Any]:
+    """The job's config as plain data, without Hydra's own node (present when composed by hand)."""
+    keys = [str(key) for key in cfg if key != "hydra"]
+    data = OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True)
+    assert isinstance(data, dict)
+    return {str(key): value for key, value in data.items()}
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one job from a composed config (``conf/train.yaml``); return its summary.
 
@@ -95,37 +241,104 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         The summary also written to ``<run dir>/summary.json`` (on rank zero).
 
     Raises:
-        lightning_sparse.recipe.RecipeError: the recipe is invalid; raised before any training and
-            before any file of the run (checkpoint, recipe, summary) is written.
+        ConfigError: ``trainer.strategy`` shards parameters, ``objectives`` names an unknown
+            metric, or local DDP processes were asked for inside a multirun; raised before any
+            training and before any file of the run is written.
+        lightning_sparse.recipe.RecipeError: the recipe is invalid; raised likewise.
     """
     pl.seed_everything(int(cfg.seed), workers=True)
     trainer_kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
+    check_strategy(trainer_kwargs)
+    objective_names(cfg)
+    if cfg.get("oneshot"):
+        raise ConfigError(
+            f"`oneshot` holds one-shot steps ({', '.join(cfg.oneshot)}), which `train` does not "
+            "run: use `python -m lightning_sparse.oneshot ckpt_path=<trained run> "
+            "recipe=<the same recipe>`, or a training recipe here (recipe=gmp, ...)."
+        )
     recipe = recipe_to_dict(cfg.get("recipe"))
     recipe_callbacks = instantiate_recipe(recipe, trainer_kwargs)
 
     datamodule: pl.LightningDataModule = instantiate(cfg.data)
     module: pl.LightningModule = instantiate(cfg.model)
     check_against_model(recipe_callbacks, module)
+    _check_data_fits_model(datamodule, module)
 
     run_dir = _run_dir(cfg)
-    recipe_name = _recipe_name(cfg)
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True)
+    history = report.SparsityHistory()
+    loggers = _loggers(cfg)
     callbacks: list[Callback] = [
         *recipe_callbacks.values(),
-        RecipeRecord(recipe_name, recipe),
+        history,  # after the techniques, so it measures what they applied
+        RecipeRecord(_recipe_name(cfg), recipe),
         checkpoint,
+        *([LearningRateMonitor(logging_interval="epoch")] if loggers else []),
         *_progress_bar(trainer_kwargs),
     ]
-    trainer = pl.Trainer(**trainer_kwargs, callbacks=callbacks, logger=_loggers(cfg))
+    trainer = pl.Trainer(**trainer_kwargs, callbacks=callbacks, logger=loggers or False)
+    _check_launch(trainer)
 
+    try:
+        summary = _fit_test_report(
+            cfg, trainer, module, datamodule, recipe, recipe_callbacks, history, loggers
+        )
+    except BaseException as err:
+        tracking.finish(loggers, error=err)
+        raise
+    tracking.finish(loggers)
+    return summary
+
+
+def _check_data_fits_model(datamodule: pl.LightningDataModule, module: pl.LightningModule) -> None:
+    """Have the data in place and its class count matching the model's, before anything is written.
+
+    Lightning would find both out itself, but only after the run dir holds a recipe and a config.
+    """
+    if _is_rank_zero():
+        datamodule.prepare_data()  # a missing data set fails here, naming its path and the fix
+    data_classes = getattr(datamodule, "num_classes", None)
+    model_classes = getattr(module, "num_classes", None)
+    if data_classes is not None and model_classes is not None and data_classes != model_classes:
+        raise ConfigError(
+            f"`data.num_classes`={data_classes} but the model predicts `model.num_classes`="
+            f"{model_classes} classes; make them equal (model configs interpolate "
+            "${data.num_classes} unless overridden)."
+        )
+
+
+def _fit_test_report(
+    cfg: DictConfig,
+    trainer: pl.Trainer,
+    module: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    recipe: dict[str, dict[str, Any]],
+    recipe_callbacks: Mapping[str, Callback],
+    history: report.SparsityHistory,
+    loggers: Sequence[Logger],
+) -> dict[str, Any]:
+    """Write recipe and environment, fit, test, then summary, plots, trackers and rank report."""
+    run_dir = _run_dir(cfg)
+    recipe_name = _recipe_name(cfg)
+    checkpoint = trainer.checkpoint_callback
+    assert isinstance(checkpoint, ModelCheckpoint)
+    environment = report.environment_info()
+    wrote: list[str] = []  # what this rank wrote into the run dir: rank zero only, checked by tests
     if _is_rank_zero():
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.create(recipe), run_dir / RECIPE_FILE)
+        report.write_json(environment, run_dir / report.ENVIRONMENT_FILE)
+        wrote += [RECIPE_FILE, report.ENVIRONMENT_FILE]
+        config = _resolved_config(cfg)
+        for logger in loggers:  # the whole resolved config, recipe included, to every logger
+            logger.log_hyperparams(config)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     val_acc = _metric(trainer.callback_metrics, "val/acc")
     test_acc: float | None = None
+    status = report.STATUS_OK
     if trainer.interrupted:
+        status = report.STATUS_INTERRUPTED
         log.warning("Training was interrupted; skipping the test and reporting what was trained.")
     else:
         # The module, not a checkpoint: test the final (fully pruned) weights, not a "best" epoch
@@ -144,17 +357,139 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         recipe=recipe,
         checkpoint=checkpoint.last_model_path or None,
         run_dir=run_dir,
+        status=status,
+        environment=environment,
     )
     if trainer.is_global_zero:
+        if cfg.get("export", True) and status == report.STATUS_OK:
+            # ONNX fp32 (and int8 after QAT) and the compressed checkpoint, measured with ONNX
+            # Runtime; rank zero only, with no collectives, so other ranks need not wait.
+            summary.update(export_model(module, datamodule, run_dir / "export"))
+            wrote.append("export")
         report.write_summary(summary, run_dir)
+        wrote.append(report.SUMMARY_FILE)
+        images = _plots(summary, recipe_callbacks, history, trainer, run_dir)
+        files = [
+            Path(summary["checkpoint"]) if summary["checkpoint"] else None,
+            run_dir / report.SUMMARY_FILE,
+            run_dir / RECIPE_FILE,
+            run_dir / report.ENVIRONMENT_FILE,
+            run_dir / ".hydra" / "config.yaml",
+            *sorted((run_dir / "export").glob("*")),  # exported models, when a run exports
+        ]
+        tracking.log_results(loggers, summary, [f for f in files if f is not None], images)
         report.print_summary(summary)
+    if cfg.get("debug", {}).get("rank_report"):
+        _write_rank_report(trainer, module, recipe_callbacks, run_dir, val_acc, wrote)
     return summary
 
 
+def _plots(
+    summary: Mapping[str, Any],
+    recipe_callbacks: Mapping[str, Callback],
+    history: report.SparsityHistory,
+    trainer: pl.Trainer,
+    run_dir: Path,
+) -> list[Path]:
+    """Per-layer sparsity and the sparsity schedule as PNGs in ``<run dir>/plots`` (rank zero)."""
+    if not report.plots_available():
+        log.info("matplotlib is not installed (extra `plots`): no plots.")
+        return []
+    plots = run_dir / report.PLOTS_DIR
+    images = [
+        report.plot_sparsity_per_layer(
+            summary["sparsity_per_layer"], plots / "sparsity_per_layer.png"
+        )
+    ]
+    # Any technique with a sparsity schedule (MagnitudePruning's `schedule`) gets a target curve.
+    schedules = {
+        name: schedule
+        for name, callback in recipe_callbacks.items()
+        if hasattr(schedule := getattr(callback, "schedule", None), "sparsity_at")
+    }
+    if schedules or history.history:
+        max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 0
+        images.append(
+            report.plot_sparsity_schedule(
+                history.history, schedules, max_epochs, plots / "sparsity_schedule.png"
+            )
+        )
+    return images
+
+
+def _write_rank_report(
+    trainer: pl.Trainer,
+    module: pl.LightningModule,
+    recipe_callbacks: Mapping[str, Callback],
+    run_dir: Path,
+    val_acc: float | None,
+    wrote: list[str],
+) -> None:
+    """``<run dir>/ranks/rank<r>.json``: what this rank holds, to compare across DDP ranks.
+
+    Written by every rank when ``debug.rank_report=true``: digests of each technique's masks and
+    of the module's state, the metrics as this rank sees them, and the files it wrote.
+    """
+    masks: dict[str, str] = {}
+    for entry, callback in recipe_callbacks.items():
+        for name, mask in (getattr(callback, "masks", None) or {}).items():
+            masks[f"{entry}/{name}"] = report.tensor_digest(mask)
+    metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
+    report.write_json(
+        {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "masks": masks,
+            "state_dict": report.weights_digest(module.state_dict()),
+            "val_acc": val_acc,
+            "metrics": metrics,
+            "wrote": wrote,
+        },
+        run_dir / RANKS_DIR / f"rank{trainer.global_rank}.json",
+    )
+
+
+def _record_failure(cfg: DictConfig, error: BaseException) -> None:
+    """Write ``summary.json`` with ``status: failed`` (rank zero); never raises over ``error``."""
+    if not _is_rank_zero():
+        return
+    try:
+        seed = cfg.get("seed")
+        run_dir = _run_dir(cfg)
+        summary = report.failure_summary(
+            error,
+            seed=int(seed) if isinstance(seed, int) else None,
+            recipe_name=_recipe_name(cfg),
+            run_dir=run_dir,
+            environment=report.environment_info(),
+        )
+        report.write_summary(summary, run_dir)
+    except Exception as record_error:
+        log.error("Could not record the failure in summary.json: %s", record_error)
+
+
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    """Console entry point (``lightning-sparse-train``); returns test accuracy for sweepers."""
-    return run(cfg)["test_acc"]
+def main(cfg: DictConfig) -> float | list[float] | None:
+    """Console entry point (``lightning-sparse-train``); returns the objectives for sweepers.
+
+    Returns:
+        ``objectives`` from the summary: a float for one, a list for several (multi-objective
+        Optuna search), None for a failed job in a multirun.
+
+    Raises:
+        Exception: whatever the job raised, in a single run (after recording it in summary.json).
+    """
+    try:
+        summary = run(cfg)
+    except Exception as err:
+        _record_failure(cfg, err)
+        if not _is_multirun():
+            raise
+        # One failed job must not stop a sweep: Hydra would re-raise it after the batch (and the
+        # Optuna sweeper stop the search); SweepReport reports it at the end instead.
+        log.error("Job failed; recorded in summary.json, the sweep goes on.", exc_info=True)
+        return None
+    return objective_values(summary, objective_names(cfg))
 
 
 if __name__ == "__main__":

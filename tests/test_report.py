@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import importlib.metadata
 import json
+from io import StringIO
 from pathlib import Path
 
 import pytest
@@ -10,14 +12,26 @@ from rich.console import Console
 from lightning_sparse.models import SmallCNN
 from lightning_sparse.module import ClassificationModule
 from lightning_sparse.report import (
+    STATUS_FAILED,
+    STATUS_OK,
     SUMMARY_FILE,
+    _git_commit,
     build_summary,
+    environment_info,
+    failure_summary,
+    plot_pareto,
+    plot_sparsity_per_layer,
+    plot_sparsity_schedule,
     print_summary,
     pruned_parameter_names,
     sparsity_stats,
     summary_table,
+    tensor_digest,
+    weights_digest,
+    write_json,
     write_summary,
 )
+from lightning_sparse.schedule import SparsitySchedule
 
 
 class FakePruning:
@@ -117,3 +131,122 @@ def test_table_shows_headline_and_layers() -> None:
     for expected in ("gmp", "98.77%", "n/a", "90.00%", "model.fc1.weight", "100 / 1,000"):
         assert expected in text
     assert summary_table(summary).row_count >= 8
+
+
+def test_summary_status_defaults_to_ok_and_records_environment(
+    module: ClassificationModule, tmp_path: Path
+) -> None:
+    environment = {"git": {"commit": "abc", "dirty": False}}
+    summary = build_summary(
+        module,
+        [],
+        test_acc=None,
+        val_acc=None,
+        seed=0,
+        epochs=1,
+        recipe_name=None,
+        recipe={},
+        checkpoint=None,
+        run_dir=tmp_path,
+        environment=environment,
+    )
+    assert summary["status"] == STATUS_OK
+    assert summary["environment"] == environment
+
+
+def test_failure_summary_carries_the_error_and_null_metrics(tmp_path: Path) -> None:
+    try:
+        raise ValueError("`end_epoch`=3 is past max_steps")
+    except ValueError as err:
+        summary = failure_summary(err, seed=2, recipe_name="gmp", run_dir=tmp_path)
+    assert summary["status"] == STATUS_FAILED
+    assert summary["error"] == "ValueError: `end_epoch`=3 is past max_steps"
+    assert "raise ValueError" in summary["traceback"]
+    assert summary["test_acc"] is None
+    assert summary["params_nonzero"] is None
+    assert (summary["seed"], summary["recipe"], summary["run_dir"]) == (
+        2,
+        {"name": "gmp"},
+        str(tmp_path),
+    )
+    json.dumps(summary)
+
+
+def test_failed_summary_table_shows_the_status() -> None:
+    console = Console(record=True, width=100)
+    print_summary({"status": STATUS_FAILED, "recipe": {"name": "gmp"}}, console)
+    assert "failed" in console.export_text()
+
+
+def test_write_json_creates_parents_and_leaves_no_temporary_file(tmp_path: Path) -> None:
+    path = write_json({"a": [1, 2]}, tmp_path / "ranks" / "rank0.json")
+    assert json.loads(path.read_text()) == {"a": [1, 2]}
+    assert [p.name for p in path.parent.iterdir()] == ["rank0.json"]
+
+
+def test_environment_records_commit_and_versions() -> None:
+    environment = environment_info()
+    commit = environment["git"]["commit"]
+    # This checkout is a git repository: a full SHA-1 (an installed wheel would say "unknown").
+    assert commit == "unknown" or (len(commit) == 40 and int(commit, 16) >= 0)
+    versions = environment["versions"]
+    assert versions["torch"] == importlib.metadata.version("torch")
+    for name in ("lightning", "hydra-core", "omegaconf", "torchmetrics", "lightning_sparse"):
+        assert versions[name], name
+    assert set(environment["backends"]) >= {"wandb", "hydra-optuna-sweeper", "submitit"}
+    assert environment["python"].count(".") == 2
+    json.dumps(environment)
+
+
+def test_git_commit_is_unknown_outside_a_checkout(tmp_path: Path) -> None:
+    assert _git_commit(tmp_path) == {"commit": "unknown", "dirty": None}
+
+
+def test_digests_tell_tensors_apart() -> None:
+    mask = torch.tensor([[True, False], [False, True]])
+    assert tensor_digest(mask) == tensor_digest(mask.clone())
+    assert tensor_digest(mask) != tensor_digest(~mask)
+    assert tensor_digest(mask) != tensor_digest(mask.reshape(4))  # same bytes, other shape
+    weights = {"a": torch.ones(3), "b": torch.zeros(2)}
+    assert weights_digest(weights) == weights_digest(dict(reversed(weights.items())))
+    assert weights_digest(weights) != weights_digest({**weights, "b": torch.ones(2)})
+
+
+def test_plots_are_png_files(tmp_path: Path) -> None:
+    schedule = SparsitySchedule(0.0, 0.9, start_epoch=1, end_epoch=3, update_frequency=0.5)
+    paths = [
+        plot_sparsity_per_layer(
+            {"model.fc1.weight": 0.9, "model.fc2.weight": 0.5}, tmp_path / "a.png"
+        ),
+        plot_sparsity_schedule(
+            [(0.0, 0.0), (1.0, 0.3), (3.0, 0.9)], {"pruning": schedule}, 4, tmp_path / "b.png"
+        ),
+        plot_pareto([("0", 100.0, 0.9, True), ("1", 200.0, 0.8, False)], tmp_path / "c.png"),
+    ]
+    for path in paths:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+
+
+def test_table_shows_the_export_when_there_is_one() -> None:
+    summary = {
+        "test_acc": 0.97,
+        "sparsity": 0.9,
+        "onnx_fp32_acc": 0.97,
+        "onnx_int8_acc": 0.965,
+        "ort_fp32_ms": 1.5,
+        "ort_int8_ms": 0.5,
+        "latency_batch_size": 64,
+        "dense_bytes": 605224,
+        "compressed_bytes": 29470,
+        "compression_ratio": 20.54,
+    }
+    out = StringIO()
+    print_summary(summary, Console(file=out, width=120))
+    text = out.getvalue()
+    assert "ONNX Runtime int8 accuracy" in text
+    assert "96.50%" in text
+    assert "605,224 / 29,470 (20.5x)" in text
+    assert "latency (batch 64)" in text
+    without = StringIO()
+    print_summary({"test_acc": 0.9}, Console(file=without, width=120))
+    assert "ONNX" not in without.getvalue()

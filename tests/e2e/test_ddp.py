@@ -1,0 +1,112 @@
+"""DDP through the real app: 2 CPU processes over gloo (``trainer=ddp_sim``), and what is refused.
+
+The run writes ``ranks/rank<r>.json`` from every rank (``debug.rank_report=true``): digests of
+its masks and of its module's state, the metrics it sees and the files it wrote. Equal digests
+mean the ranks hold the same masks and weights; the checkpoint is then evaluated in one plain
+process and must reproduce the accuracy the DDP run reported.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from lightning_sparse.recipe import compose_config
+from lightning_sparse.report import weights_digest
+from lightning_sparse.train import ConfigError, _check_launch, check_strategy, run
+from tests.e2e.app import QUICK, QUICK_PRUNING, run_app
+
+ComposeRunCfg = Callable[..., DictConfig]
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+@pytest.mark.slow
+def test_ddp_ranks_agree_and_the_checkpoint_matches_one_process(tmp_path: Path) -> None:
+    overrides = [*QUICK, *QUICK_PRUNING, "recipe.pruning.final_sparsity=0.8"]
+    result = run_app(
+        *overrides, "trainer=ddp_sim", "debug.rank_report=true", f"hydra.run.dir={tmp_path}"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = read_json(tmp_path / "summary.json")
+    rank0 = read_json(tmp_path / "ranks" / "rank0.json")
+    rank1 = read_json(tmp_path / "ranks" / "rank1.json")
+    assert (rank0["rank"], rank1["rank"]) == (0, 1)
+    assert rank0["world_size"] == rank1["world_size"] == 2
+
+    # Masks identical on both ranks: one digest per pruned weight, equal across ranks.
+    assert set(rank0["masks"]) == {f"pruning/{name}" for name in summary["sparsity_per_layer"]}
+    assert rank0["masks"] == rank1["masks"]
+    # Weights identical, and they are what the checkpoint holds.
+    assert rank0["state_dict"] == rank1["state_dict"]
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert weights_digest(checkpoint["state_dict"]) == rank0["state_dict"]
+    # Metrics synchronized: each rank tested half of the test set, yet both report the same
+    # accuracy, the one in the summary.
+    assert rank0["metrics"]["test/acc"] == rank1["metrics"]["test/acc"] == summary["test_acc"]
+    assert rank0["val_acc"] == rank1["val_acc"] == summary["val_acc"]
+    # Text and files from rank zero only.
+    assert rank0["wrote"] == ["recipe.yaml", "environment.json", "summary.json"]
+    assert rank1["wrote"] == []
+    assert result.stdout.count("test accuracy") == 1  # one summary table
+    assert summary["sparsity"] == pytest.approx(0.8, abs=1e-3)
+
+    # One process, no DDP: the checkpoint's weights give the accuracy the DDP run reported.
+    cfg = compose_config(overrides)
+    module: pl.LightningModule = instantiate(cfg.model)
+    module.load_state_dict(checkpoint["state_dict"], strict=True)
+    module.eval()
+    datamodule: pl.LightningDataModule = instantiate(cfg.data)
+    datamodule.setup("test")
+    correct = total = 0
+    with torch.no_grad():
+        for inputs, labels in datamodule.test_dataloader():
+            correct += int((module(inputs).argmax(dim=1) == labels).sum())
+            total += labels.numel()
+    assert correct / total == pytest.approx(summary["test_acc"], abs=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed_stage_2", "fsdp_cpu_offload"])
+def test_sharding_strategies_are_refused_before_anything_runs(
+    compose_run_cfg: ComposeRunCfg, strategy: str
+) -> None:
+    cfg = compose_run_cfg(*QUICK, "trainer=ddp_sim", f"trainer.strategy={strategy}")
+    with pytest.raises(ConfigError) as info:
+        run(cfg)
+    message = str(info.value)
+    assert f"trainer.strategy='{strategy}'" in message
+    assert "needs every parameter whole on each process" in message
+    assert "supported: auto, ddp" in message
+    assert not Path(cfg.output_dir).exists()
+
+
+@pytest.mark.parametrize("strategy", ["auto", "ddp", "ddp_spawn", "single_device", "not-known"])
+def test_whole_parameter_strategies_pass_the_check(strategy: str) -> None:
+    check_strategy({"strategy": strategy})  # unknown names are Lightning's to report
+
+
+def test_local_ddp_processes_inside_a_multirun_are_refused(
+    compose_run_cfg: ComposeRunCfg,
+) -> None:
+    # Checked on the trainer alone: fitting it would re-run this command (pytest) as rank 1.
+    compose_run_cfg(*QUICK, "hydra.mode=MULTIRUN")
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
+    with pytest.raises(ConfigError, match="cannot run inside a Hydra multirun"):
+        _check_launch(trainer)
+    spawn = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False)
+    _check_launch(spawn)  # processes started by multiprocessing, not by re-running the command
+
+
+def test_multi_node_overrides_compose() -> None:
+    cfg = compose_config(["trainer=ddp", "trainer.num_nodes=2", "trainer.devices=4"])
+    assert (cfg.trainer.strategy, cfg.trainer.num_nodes, cfg.trainer.devices) == ("ddp", 2, 4)
