@@ -19,6 +19,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from lightning_sparse.export import export_model
 from lightning_sparse.recipe import compose_config
 from lightning_sparse.report import weights_digest
 from lightning_sparse.train import ConfigError, _check_launch, check_strategy, run
@@ -56,7 +57,7 @@ def test_ddp_ranks_agree_and_the_checkpoint_matches_one_process(tmp_path: Path) 
     assert rank0["metrics"]["test/acc"] == rank1["metrics"]["test/acc"] == summary["test_acc"]
     assert rank0["val_acc"] == rank1["val_acc"] == summary["val_acc"]
     # Text and files from rank zero only.
-    assert rank0["wrote"] == ["recipe.yaml", "environment.json", "summary.json"]
+    assert rank0["wrote"] == ["recipe.yaml", "environment.json", "export", "summary.json"]
     assert rank1["wrote"] == []
     assert result.stdout.count("test accuracy") == 1  # one summary table
     assert summary["sparsity"] == pytest.approx(0.8, abs=1e-3)
@@ -74,6 +75,14 @@ def test_ddp_ranks_agree_and_the_checkpoint_matches_one_process(tmp_path: Path) 
             correct += int((module(inputs).argmax(dim=1) == labels).sum())
             total += labels.numel()
     assert correct / total == pytest.approx(summary["test_acc"], abs=1e-6)
+
+    # ... and exporting those weights in one process gives the DDP run's export, byte for byte.
+    single = export_model(module, datamodule, tmp_path / "single_export", latency_runs=1)
+    assert single["onnx_fp32_acc"] == summary["onnx_fp32_acc"]
+    assert single["compressed_bytes"] == summary["compressed_bytes"]
+    assert (tmp_path / "single_export" / "compressed.safetensors").read_bytes() == (
+        tmp_path / "export" / "compressed.safetensors"
+    ).read_bytes()
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "deepspeed_stage_2", "fsdp_cpu_offload"])
