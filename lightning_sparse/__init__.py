@@ -1,6 +1,7 @@
 """lightning_sparse: neural-network compression as PyTorch Lightning callbacks and Hydra recipes.
 
-Techniques are callbacks (``MagnitudePruning``, ``ConstantPruning``); a LightningModule that takes
+Techniques are callbacks (``MagnitudePruning``, ``ConstantPruning``,
+``QuantizationAwareTraining``, ``KnowledgeDistillation``); a LightningModule that takes
 loss terms from techniques mixes in ``CompressionModule``; ``recipe.load`` builds the callbacks of a
 shipped recipe without a Hydra app.
 """
@@ -9,6 +10,7 @@ from lightning_sparse import recipe
 from lightning_sparse.callbacks import (
     CompressionCallback,
     ConstantPruning,
+    KnowledgeDistillation,
     MagnitudePruning,
     QuantizationAwareTraining,
 )
@@ -19,6 +21,7 @@ __all__ = [
     "CompressionCallback",
     "CompressionModule",
     "ConstantPruning",
+    "KnowledgeDistillation",
     "MagnitudePruning",
     "QuantizationAwareTraining",
     "recipe",
