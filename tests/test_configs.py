@@ -84,14 +84,21 @@ def test_the_groups_ship_what_the_readme_promises() -> None:
     assert options("logger") == ["csv", "wandb"]
     assert set(options("recipe")) >= {
         "dense",
+        "distill",
         "gmp",
+        "gmp_distill",
         "gmp_global",
         "gmp_2of4",
         "oneshot_magnitude",
         "oneshot_wanda",
+        "gmp_qat",
+        "gmp_qat_distill",
+        "qat",
         "sparse_transfer",
     }
     assert set(options("compression/pruning")) >= {"gmp", "constant"}
+    assert set(options("compression/quantization")) >= {"qat"}
+    assert set(options("compression/distillation")) >= {"self"}
 
 
 def test_defaults() -> None:
@@ -102,7 +109,21 @@ def test_defaults() -> None:
     assert cfg.data._target_.endswith("DigitsDataModule")
     assert cfg.model.model._target_.endswith("SmallCNN")
     assert cfg.trainer.accelerator == "cpu"
-    assert list(cfg.recipe) == ["pruning"]
+    # The main job: prune with the dense self as teacher, then QAT.
+    assert list(cfg.recipe) == ["pruning", "quantization", "distillation"]
+
+
+def test_main_job_recipe() -> None:
+    # recipe=gmp_qat_distill: prune with the dense self as teacher, then QAT; timing by
+    # interpolation, so moving pruning moves the teacher's copy and QAT's start.
+    cfg = compose_config(["recipe=gmp_qat_distill"])
+    assert list(cfg.recipe) == ["pruning", "quantization", "distillation"]
+    assert cfg.recipe.distillation.teacher == "self"
+    assert cfg.recipe.distillation.start_epoch == cfg.recipe.pruning.start_epoch
+    assert cfg.recipe.quantization.start_epoch == cfg.recipe.pruning.end_epoch
+    assert cfg.recipe.pruning.final_sparsity == 0.9
+    moved = compose_config(["recipe=gmp_qat_distill", "recipe.pruning.end_epoch=12"])
+    assert moved.recipe.quantization.start_epoch == 12
 
 
 def composes_binds_and_builds(recipe: str, model: str, data: str) -> None:
@@ -156,12 +177,19 @@ def test_every_trainer_binds_to_the_trainer_signature(trainer: str) -> None:
         )
 
 
-@pytest.mark.parametrize("node", options("compression/pruning"))
-def test_every_compression_node_binds(node: str) -> None:
-    cfg = OmegaConf.load(config_dir() / "compression" / "pruning" / f"{node}.yaml")
+@pytest.mark.parametrize(
+    ("group", "node"),
+    [
+        (group, node)
+        for group in ("pruning", "quantization", "distillation")
+        for node in options(f"compression/{group}")
+    ],
+)
+def test_every_compression_node_binds(group: str, node: str) -> None:
+    cfg = OmegaConf.load(config_dir() / "compression" / group / f"{node}.yaml")
     plain = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(plain, dict)
-    check_target(plain, f"compression.pruning.{node}")
+    check_target(plain, f"compression.{group}.{node}")
 
 
 def test_every_logger_binds() -> None:
