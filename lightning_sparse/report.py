@@ -302,7 +302,8 @@ def tensor_digest(tensor: torch.Tensor) -> str:
     if data.dtype == torch.bool:
         data = data.to(torch.uint8)
     digest = hashlib.sha256(f"{data.dtype}{tuple(data.shape)}".encode())
-    digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    # reshape: a 0-dim tensor (a scale, a step count) cannot be viewed as bytes directly
+    digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     return digest.hexdigest()
 
 

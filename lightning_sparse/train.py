@@ -30,6 +30,7 @@ from typing import Any
 
 import hydra
 import lightning.pytorch as pl
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -434,12 +435,18 @@ def _write_rank_report(
     for entry, callback in recipe_callbacks.items():
         for name, mask in (getattr(callback, "masks", None) or {}).items():
             masks[f"{entry}/{name}"] = report.tensor_digest(mask)
+    # Each technique's whole resumable state (quantization scales, a distillation teacher, ...).
+    states = {
+        entry: report.weights_digest(_flatten_state(callback.state_dict()))
+        for entry, callback in recipe_callbacks.items()
+    }
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
     report.write_json(
         {
             "rank": trainer.global_rank,
             "world_size": trainer.world_size,
             "masks": masks,
+            "states": states,
             "state_dict": report.weights_digest(module.state_dict()),
             "val_acc": val_acc,
             "metrics": metrics,
@@ -447,6 +454,23 @@ def _write_rank_report(
         },
         run_dir / RANKS_DIR / f"rank{trainer.global_rank}.json",
     )
+
+
+def _flatten_state(state: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Tensors of a nested callback state by path; other leaves as the bytes of their repr."""
+    if isinstance(state, torch.Tensor):
+        return {prefix: state}
+    items: Any = None
+    if isinstance(state, Mapping):
+        items = state.items()
+    elif isinstance(state, (list, tuple)):
+        items = enumerate(state)
+    if items is None:
+        return {prefix: torch.tensor(list(repr(state).encode()), dtype=torch.uint8)}
+    flat: dict[str, torch.Tensor] = {}
+    for key, value in items:
+        flat.update(_flatten_state(value, f"{prefix}/{key}"))
+    return flat
 
 
 def _record_failure(cfg: DictConfig, error: BaseException) -> None:

@@ -250,3 +250,9 @@ def test_table_shows_the_export_when_there_is_one() -> None:
     without = StringIO()
     print_summary({"test_acc": 0.9}, Console(file=without, width=120))
     assert "ONNX" not in without.getvalue()
+
+
+def test_tensor_digest_takes_scalars_and_tells_values_apart() -> None:
+    assert tensor_digest(torch.tensor(0.5)) == tensor_digest(torch.tensor(0.5))
+    assert tensor_digest(torch.tensor(0.5)) != tensor_digest(torch.tensor(0.25))
+    assert tensor_digest(torch.tensor(0.5)) != tensor_digest(torch.tensor([0.5]))

@@ -127,3 +127,30 @@ def test_local_ddp_processes_inside_a_multirun_are_refused(
 def test_multi_node_overrides_compose() -> None:
     cfg = compose_config(["trainer=ddp", "trainer.num_nodes=2", "trainer.devices=4"])
     assert (cfg.trainer.strategy, cfg.trainer.num_nodes, cfg.trainer.devices) == ("ddp", 2, 4)
+
+
+@pytest.mark.slow
+def test_ddp_runs_the_main_recipe_with_every_technique_in_agreement(tmp_path: Path) -> None:
+    # gmp_qat_distill, squeezed: distil and prune in epoch 0-1, QAT from epoch 1, 3 epochs.
+    result = run_app(
+        *QUICK,
+        "recipe=gmp_qat_distill",
+        "recipe.pruning.start_epoch=0",
+        "recipe.pruning.end_epoch=1",
+        "trainer.max_epochs=3",
+        "trainer=ddp_sim",
+        "debug.rank_report=true",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = read_json(tmp_path / "summary.json")
+    rank0 = read_json(tmp_path / "ranks" / "rank0.json")
+    rank1 = read_json(tmp_path / "ranks" / "rank1.json")
+    # Every technique's state agrees across ranks: masks, quantization scales, the teacher.
+    assert set(rank0["states"]) == {"pruning", "quantization", "distillation"}
+    assert rank0["states"] == rank1["states"]
+    assert rank0["masks"] == rank1["masks"]
+    assert rank0["state_dict"] == rank1["state_dict"]
+    assert summary["sparsity"] == pytest.approx(0.9, abs=1e-3)
+    assert summary["onnx_int8_acc"] is not None
+    assert (tmp_path / "export" / "model_int8.onnx").is_file()
