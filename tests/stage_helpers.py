@@ -10,13 +10,15 @@ import pickle
 import struct
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from tests.helpers import quiet_trainer
+
+__all__ = ["one_thread", "quiet_trainer", "write_cifar10", "write_image_folder", "write_mnist"]
 
 
 @pytest.fixture
@@ -26,21 +28,6 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def quiet_trainer(**kwargs: Any) -> pl.Trainer:
-    """A CPU trainer that prints and writes nothing unless asked."""
-    options: dict[str, Any] = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "enable_checkpointing": False,
-        "deterministic": True,
-    }
-    options.update(kwargs)
-    return pl.Trainer(**options)
 
 
 def _idx(path: Path, array: np.ndarray) -> None:
