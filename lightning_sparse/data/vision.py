@@ -206,6 +206,35 @@ class _MNISTFamily(_DownloadableDataModule):
         "t10k-labels-idx1-ubyte",
     )
 
+    # One signature (with its defaults) for the whole family, so Hydra binds configs against it.
+    def __init__(
+        self,
+        root: str | Path = "data",
+        download: bool = True,
+        batch_size: int = 128,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        seed: int = 0,
+        num_workers: int = 0,
+        num_classes: int | None = None,
+        input_shape: Sequence[int] | None = (1, 28, 28),
+        classes: Sequence[int] | None = None,
+        normalize: bool = True,
+    ) -> None:
+        super().__init__(
+            root,
+            download,
+            batch_size,
+            val_fraction,
+            split_seed,
+            seed,
+            num_workers,
+            num_classes,
+            input_shape,
+            classes,
+            normalize,
+        )
+
     def _torchvision_class(self) -> type:
         datasets = torchvision_module(f"The {self.NAME} data module").datasets
         return getattr(datasets, self.NAME)
@@ -256,34 +285,6 @@ class MNISTDataModule(_MNISTFamily):
     MEAN = (0.1307,)
     STD = (0.3081,)
 
-    def __init__(
-        self,
-        root: str | Path = "data",
-        download: bool = True,
-        batch_size: int = 128,
-        val_fraction: float = 0.1,
-        split_seed: int = 0,
-        seed: int = 0,
-        num_workers: int = 0,
-        num_classes: int | None = None,
-        input_shape: Sequence[int] | None = (1, 28, 28),
-        classes: Sequence[int] | None = None,
-        normalize: bool = True,
-    ) -> None:
-        super().__init__(
-            root,
-            download,
-            batch_size,
-            val_fraction,
-            split_seed,
-            seed,
-            num_workers,
-            num_classes,
-            input_shape,
-            classes,
-            normalize,
-        )
-
 
 class FashionMNISTDataModule(_MNISTFamily):
     """torchvision's FashionMNIST (28x28 grayscale clothing, 10 classes), laid out as MNIST.
@@ -299,34 +300,6 @@ class FashionMNISTDataModule(_MNISTFamily):
     NAME = "FashionMNIST"
     MEAN = (0.2860,)
     STD = (0.3530,)
-
-    def __init__(
-        self,
-        root: str | Path = "data",
-        download: bool = True,
-        batch_size: int = 128,
-        val_fraction: float = 0.1,
-        split_seed: int = 0,
-        seed: int = 0,
-        num_workers: int = 0,
-        num_classes: int | None = None,
-        input_shape: Sequence[int] | None = (1, 28, 28),
-        classes: Sequence[int] | None = None,
-        normalize: bool = True,
-    ) -> None:
-        super().__init__(
-            root,
-            download,
-            batch_size,
-            val_fraction,
-            split_seed,
-            seed,
-            num_workers,
-            num_classes,
-            input_shape,
-            classes,
-            normalize,
-        )
 
 
 class CIFAR10DataModule(_DownloadableDataModule):
