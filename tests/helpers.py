@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -10,6 +14,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sparse.data.resumable import train_sampler
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class TinyNet(nn.Module):
@@ -78,3 +84,26 @@ def quiet_trainer(**kwargs: Any) -> pl.Trainer:
     }
     options.update(kwargs)
     return pl.Trainer(**options)
+
+
+def run_ddp_script(module: str, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run ``python -m <module> <out_dir>`` (a 2-rank DDP script); return both ranks' records.
+
+    Each script saves ``<out_dir>/rank<r>.pt``; Lightning starts rank 1 by re-running the command.
+    """
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("LOCAL_RANK", None)
+    result = subprocess.run(
+        [sys.executable, "-m", module, str(out_dir)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0 = torch.load(out_dir / "rank0.pt", weights_only=True)
+    rank1 = torch.load(out_dir / "rank1.pt", weights_only=True)
+    assert rank0["world_size"] == rank1["world_size"] == 2
+    return rank0, rank1

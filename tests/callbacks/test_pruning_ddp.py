@@ -1,8 +1,5 @@
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,28 +7,15 @@ import torch
 
 from lightning_sparse.masks import compute_masks, parse_mask_type
 from lightning_sparse.schedule import SparsitySchedule
+from tests.helpers import run_ddp_script
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 # the schedule the script configures
 SCHEDULE = SparsitySchedule(0.0, 0.8, start_epoch=0.5, end_epoch=2, update_frequency=0.5)
 
 
 @pytest.mark.slow
 def test_masks_are_identical_on_both_ranks_and_match_a_single_process(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    env.pop("LOCAL_RANK", None)
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.callbacks.ddp_pruning_script", str(tmp_path)],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
-    assert rank0["world_size"] == rank1["world_size"] == 2
+    rank0, rank1 = run_ddp_script("tests.callbacks.ddp_pruning_script", tmp_path)
     # 40 samples per rank, batch 8 -> 5 steps per epoch; updates at 0.5, 1.0, 1.5, 2.0
     assert [h["index"] for h in rank0["history"]] == [0, 1, 2, 3]
     assert [h["index"] for h in rank1["history"]] == [0, 1, 2, 3]

@@ -1,8 +1,5 @@
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +20,9 @@ from lightning_sparse.callbacks.quantization import (
 )
 from lightning_sparse.data import SyntheticDataModule
 from lightning_sparse.quant_backend import quantized_layers
-from tests.helpers import TinyData, TinyModule, TinyNet, quiet_trainer
+from tests.helpers import TinyData, TinyModule, TinyNet, quiet_trainer, run_ddp_script
 
 # TinyData: 80 samples, batch 8 -> 10 optimizer steps per epoch.
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class BNNet(TinyNet):
@@ -394,20 +390,7 @@ def test_fractional_epoch_clock_is_the_one_pruning_uses() -> None:
 
 @pytest.mark.slow
 def test_ddp_ranks_hold_identical_weights_and_scales(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    env.pop("LOCAL_RANK", None)
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.callbacks.ddp_quantization_script", str(tmp_path)],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
-    assert rank0["world_size"] == rank1["world_size"] == 2
+    rank0, rank1 = run_ddp_script("tests.callbacks.ddp_quantization_script", tmp_path)
     # 40 samples per rank, batch 8: 5 steps per epoch; QAT from step 2 to the end (8 steps)
     assert len(rank0["history"]) == len(rank1["history"]) == 8
     for step, (ranges0, ranges1) in enumerate(zip(rank0["history"], rank1["history"], strict=True)):
