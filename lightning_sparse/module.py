@@ -12,6 +12,7 @@ count, in which case it is swapped for the model's freshly initialised one.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from typing_extensions import override
 
 __all__ = [
     "CHECKPOINT_IN_RUN_DIR",
+    "LR_SCHEDULES",
     "OPTIMIZERS",
     "ClassificationModule",
     "CompressionModule",
@@ -36,6 +38,7 @@ __all__ = [
 ]
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+LR_SCHEDULES = ("constant", "cosine")
 # Where `python -m lightning_sparse.train` (and `.oneshot`) leave the final checkpoint of a run.
 CHECKPOINT_IN_RUN_DIR = Path("checkpoints") / "last.ckpt"
 
@@ -107,6 +110,11 @@ class ClassificationModule(CompressionModule, pl.LightningModule):
         weight_decay: weight decay (decoupled for ``adamw``).
         optimizer: ``adam``, ``adamw`` or ``sgd`` (with ``momentum``).
         momentum: momentum for ``sgd``.
+        lr_schedule: ``constant``, or ``cosine``: the learning rate follows half a cosine from
+            ``lr`` down to ``lr * min_lr_ratio`` over the trainer's optimizer steps
+            (``Trainer.estimated_stepping_batches``, so ``max_epochs`` and gradient accumulation
+            are accounted for), updated every step.
+        min_lr_ratio: the cosine schedule's last learning rate as a share of ``lr``, in [0, 1].
         init_from: start from these weights: a run dir (its ``checkpoints/last.ckpt``), a Lightning
             checkpoint of this module, or a plain ``state_dict`` of the backbone (e.g. torchvision
             weights saved with ``torch.save``). Loaded at construction; every key must match but
@@ -146,6 +154,8 @@ class ClassificationModule(CompressionModule, pl.LightningModule):
         weight_decay: float = 0.0,
         optimizer: str = "adam",
         momentum: float = 0.9,
+        lr_schedule: str = "constant",
+        min_lr_ratio: float = 0.0,
         init_from: str | Path | None = None,
         reset_head: bool = False,
         head: str | None = None,
@@ -157,6 +167,14 @@ class ClassificationModule(CompressionModule, pl.LightningModule):
             )
         if not lr > 0:
             raise ValueError(f"`lr`={lr!r} is not allowed; it must be > 0.")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"`lr_schedule`={lr_schedule!r} is not allowed; choose one of {LR_SCHEDULES}."
+            )
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(
+                f"`min_lr_ratio`={min_lr_ratio!r} is not allowed; it must be in [0, 1]."
+            )
         if weight_decay < 0:
             raise ValueError(f"`weight_decay`={weight_decay!r} is not allowed; it must be >= 0.")
         if int(num_classes) < 2:
@@ -251,7 +269,19 @@ class ClassificationModule(CompressionModule, pl.LightningModule):
         self.log(f"{split}/acc", metric, prog_bar=split == "val")
 
     @override
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:
+        optimizer = self._optimizer()
+        if self.hparams.get("lr_schedule", "constant") == "constant":
+            return optimizer
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        floor = float(self.hparams.get("min_lr_ratio", 0.0))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _Cosine(total, floor))
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }
+
+    def _optimizer(self) -> torch.optim.Optimizer:
         params = self.parameters()
         lr, decay = self.hparams["lr"], self.hparams["weight_decay"]
         name = self.hparams["optimizer"]
@@ -260,6 +290,21 @@ class ClassificationModule(CompressionModule, pl.LightningModule):
         if name == "adamw":
             return torch.optim.AdamW(params, lr=lr, weight_decay=decay)
         return torch.optim.SGD(params, lr=lr, momentum=self.hparams["momentum"], weight_decay=decay)
+
+
+class _Cosine:
+    """``LambdaLR`` factor: half a cosine from 1 at step 0 to ``floor`` at step ``total``.
+
+    A class, not a closure: ``LambdaLR.state_dict`` then records its fields in checkpoints.
+    """
+
+    def __init__(self, total: int, floor: float) -> None:
+        self.total = total
+        self.floor = floor
+
+    def __call__(self, step: int) -> float:
+        progress = min(step, self.total) / self.total
+        return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def find_head(model: nn.Module, head: str | None = None) -> tuple[str, nn.Linear] | None:
