@@ -235,9 +235,18 @@ def check_against_model(callbacks: Mapping[str, Callback], pl_module: pl.Lightni
         RecipeError: ``params`` match no weight (the candidates are listed); ``mask_type`` does not
             tile a target; two pruning entries hold the same weight at overlapping epochs;
             quantization has no layer to act on, an ``ignore`` entry matches nothing, or its
-            observers freeze while pruning still changes the weights.
+            observers freeze while pruning still changes the weights; a layer named by a
+            technique (distillation ``features``) does not exist.
     """
     _check_quantization(callbacks, pl_module)
+    for name, callback in callbacks.items():
+        # Techniques that name layers check them here (e.g. distillation's `features`).
+        check_model = getattr(callback, "check_model", None)
+        if callable(check_model):
+            try:
+                check_model(pl_module)
+            except ValueError as err:
+                raise RecipeError(f"recipe.{name}: {err}") from err
     holders: dict[str, tuple[str, tuple[float, float]]] = {}
     for name, callback in callbacks.items():
         if not isinstance(callback, (MagnitudePruning, ConstantPruning)):
