@@ -297,11 +297,20 @@ class RecipeRecord(Callback):
     Args:
         name: the recipe's name (``conf/recipe/<name>.yaml``), if known.
         recipe: the resolved recipe.
+        config: the run's whole config (unresolved, as composed), which
+            ``python -m lightning_sparse.train resume=<checkpoint>`` continues with; None to
+            store none.
     """
 
-    def __init__(self, name: str | None, recipe: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        name: str | None,
+        recipe: Mapping[str, Any],
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
         self.name = name
         self.recipe = recipe_to_dict(recipe)
+        self.config = None if config is None else dict(config)
         self.restored: dict[str, Any] | None = None
 
     @property
@@ -311,7 +320,10 @@ class RecipeRecord(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "recipe": self.recipe}
+        state: dict[str, Any] = {"name": self.name, "recipe": self.recipe}
+        if self.config is not None:
+            state["config"] = self.config
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

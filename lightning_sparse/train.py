@@ -17,6 +17,7 @@ Examples::
     python -m lightning_sparse.train -m recipe.pruning.final_sparsity=0.8,0.9,0.95 seed=0,1,2
     python -m lightning_sparse.train trainer=ddp_sim
     python -m lightning_sparse.train hparams_search=pruning_pareto
+    python -m lightning_sparse.train resume=runs/train/2026-11-26/10-00-00 trainer.max_epochs=60
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from lightning_sparse.recipe import (
     instantiate_recipe,
     recipe_to_dict,
 )
+from lightning_sparse.resume import RESUME_FILE, resume_config
 
 __all__ = [
     "OBJECTIVE_KEYS",
@@ -224,10 +226,10 @@ def _metric(metrics: Mapping[str, Any], key: str) -> float | None:
     return None if value is None else float(value)
 
 
-def _resolved_config(cfg: DictConfig) -> dict[str, Any]:
+def _resolved_config(cfg: DictConfig, resolve: bool = True) -> dict[str, Any]:
     """The job's config as plain data, without Hydra's own node (present when composed by hand)."""
     keys = [str(key) for key in cfg if key != "hydra"]
-    data = OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True)
+    data = OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=resolve)
     assert isinstance(data, dict)
     return {str(key): value for key, value in data.items()}
 
@@ -236,7 +238,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one job from a composed config (``conf/train.yaml``); return its summary.
 
     Args:
-        cfg: the composed config. ``output_dir`` (or Hydra's run dir) receives the outputs.
+        cfg: the composed config. ``output_dir`` (or Hydra's run dir) receives the outputs. With
+            ``resume``, the run it names continues with its stored config
+            (:mod:`lightning_sparse.resume`).
 
     Returns:
         The summary also written to ``<run dir>/summary.json`` (on rank zero).
@@ -246,7 +250,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             metric, or local DDP processes were asked for inside a multirun; raised before any
             training and before any file of the run is written.
         lightning_sparse.recipe.RecipeError: the recipe is invalid; raised likewise.
+        lightning_sparse.resume.ResumeError: ``resume`` cannot continue the run it names.
     """
+    recipe_name = _recipe_name(cfg)
+    if cfg.get("resume"):
+        cfg, recipe_name = resume_config(cfg)
     pl.seed_everything(int(cfg.seed), workers=True)
     trainer_kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
     check_strategy(trainer_kwargs)
@@ -272,7 +280,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     callbacks: list[Callback] = [
         *recipe_callbacks.values(),
         history,  # after the techniques, so it measures what they applied
-        RecipeRecord(_recipe_name(cfg), recipe),
+        # The recipe, and the whole config that `resume=` continues with, in every checkpoint.
+        RecipeRecord(recipe_name, recipe, config=_resolved_config(cfg, resolve=False)),
         checkpoint,
         *([LearningRateMonitor(logging_interval="epoch")] if loggers else []),
         *_progress_bar(trainer_kwargs),
@@ -282,7 +291,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     try:
         summary = _fit_test_report(
-            cfg, trainer, module, datamodule, recipe, recipe_callbacks, history, loggers
+            cfg,
+            trainer,
+            module,
+            datamodule,
+            recipe_name,
+            recipe,
+            recipe_callbacks,
+            history,
+            loggers,
         )
     except BaseException as err:
         tracking.finish(loggers, error=err)
@@ -313,6 +330,7 @@ def _fit_test_report(
     trainer: pl.Trainer,
     module: pl.LightningModule,
     datamodule: pl.LightningDataModule,
+    recipe_name: str | None,
     recipe: dict[str, dict[str, Any]],
     recipe_callbacks: Mapping[str, Callback],
     history: report.SparsityHistory,
@@ -320,7 +338,6 @@ def _fit_test_report(
 ) -> dict[str, Any]:
     """Write recipe and environment, fit, test, then summary, plots, trackers and rank report."""
     run_dir = _run_dir(cfg)
-    recipe_name = _recipe_name(cfg)
     checkpoint = trainer.checkpoint_callback
     assert isinstance(checkpoint, ModelCheckpoint)
     environment = report.environment_info()
@@ -330,6 +347,10 @@ def _fit_test_report(
         OmegaConf.save(OmegaConf.create(recipe), run_dir / RECIPE_FILE)
         report.write_json(environment, run_dir / report.ENVIRONMENT_FILE)
         wrote += [RECIPE_FILE, report.ENVIRONMENT_FILE]
+        if cfg.get("resume"):
+            resumed = {"checkpoint": cfg.ckpt_path, "config": _resolved_config(cfg, resolve=False)}
+            OmegaConf.save(OmegaConf.create(resumed), run_dir / RESUME_FILE)
+            wrote.append(RESUME_FILE)
         config = _resolved_config(cfg)
         for logger in loggers:  # the whole resolved config, recipe included, to every logger
             logger.log_hyperparams(config)
@@ -361,6 +382,8 @@ def _fit_test_report(
         status=status,
         environment=environment,
     )
+    if cfg.get("resume"):
+        summary["resumed_from"] = str(cfg.ckpt_path)
     if trainer.is_global_zero:
         if cfg.get("export", True) and status == report.STATUS_OK:
             # ONNX fp32 (and int8 after QAT) and the compressed checkpoint, measured with ONNX

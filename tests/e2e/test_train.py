@@ -198,6 +198,27 @@ def test_resume_from_checkpoint_matches_uninterrupted(
     for name, value in expected.items():
         torch.testing.assert_close(actual[name], value, rtol=0, atol=0, msg=name)
 
+    # `resume=<run dir>` needs none of the original overrides: the config comes from the
+    # checkpoint (the defaults would be digits and gmp_qat_distill); the command line only
+    # extends the run.
+    first_summary = (tmp_path / "a" / "summary.json").read_text()
+    continued = run(
+        compose_run_cfg(
+            f"resume='{tmp_path / 'a'}'", "trainer.max_epochs=2", output_dir=tmp_path / "c"
+        )
+    )
+    assert continued["epochs"] == 2
+    assert continued["recipe"]["name"] == "gmp"
+    assert continued["resumed_from"] == str(tmp_path / "a" / "checkpoints" / "last.ckpt")
+    actual = backbone_state(Path(continued["checkpoint"]))
+    for name, value in expected.items():
+        torch.testing.assert_close(actual[name], value, rtol=0, atol=0, msg=name)
+    record = yaml.safe_load((tmp_path / "c" / "resume.yaml").read_text())
+    assert record["config"]["data"]["_target_"].endswith("SyntheticDataModule")
+    assert record["config"]["trainer"]["max_epochs"] == 2
+    # The first run's outputs are untouched; the continuation wrote into its own dir.
+    assert (tmp_path / "a" / "summary.json").read_text() == first_summary
+
 
 def test_run_refuses_one_shot_steps(compose_run_cfg: ComposeRunCfg) -> None:
     cfg = compose_run_cfg(*QUICK, "recipe=oneshot_magnitude")
