@@ -354,6 +354,7 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
     if status != STATUS_OK:
         table.add_row("status", f"[bold red]{status}[/]")
     table.add_row("test accuracy", _percent(summary.get("test_acc")))
+    _add_dense_rows(table, summary)
     table.add_row("val accuracy", _percent(summary.get("val_acc")))
     table.add_row("sparsity (pruned weights)", _percent(summary.get("sparsity")))
     table.add_row(
@@ -387,6 +388,31 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
         table.add_row("git commit", f"{git.get('commit')}{' (dirty)' if git.get('dirty') else ''}")
     table.add_row("run dir", str(summary.get("run_dir")))
     return table
+
+
+def _add_dense_rows(table: Table, summary: Mapping[str, Any]) -> None:
+    """Dense accuracy (``baseline``), and the final accuracies' difference from it."""
+    how = summary.get("dense_baseline") or {}
+    if not how:
+        return
+    dense = summary.get("dense_test_acc")
+    if how.get("kind") == "train":
+        label = "dense accuracy (dense run, same setup)"
+    elif how.get("epoch") is not None:
+        label = f"dense accuracy (snapshot, epoch {how['epoch']:.2f})"
+    else:
+        label = "dense accuracy (none: compressed from 0)"
+    table.add_row(label, _percent(dense))
+    if dense is None:
+        return
+    names, deltas = [], []
+    for key, name in (("test_acc", "test"), ("onnx_int8_acc", "int8")):
+        value = summary.get(key)
+        if value is not None:
+            names.append(name)
+            deltas.append(f"{100 * (value - dense):+.2f}")
+    if deltas:
+        table.add_row(f"vs dense ({' / '.join(names)})", f"{' / '.join(deltas)} pp")
 
 
 def print_summary(summary: Mapping[str, Any], console: Console | None = None) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,13 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_sparse import report, tracking
+from lightning_sparse.baseline import (
+    BASELINES,
+    DenseSnapshot,
+    compression_start,
+    evaluate_accuracy,
+    quiet_kwargs,
+)
 from lightning_sparse.export import export_model
 from lightning_sparse.recipe import (
     RecipeRecord,
@@ -207,6 +214,33 @@ def objective_values(
     return values[0] if len(values) == 1 else values
 
 
+def check_baseline(cfg: DictConfig, trainer_kwargs: Mapping[str, Any]) -> str | None:
+    """The ``baseline`` to report (:mod:`lightning_sparse.baseline`), checked before any work.
+
+    Raises:
+        ConfigError: an unknown value, or ``train`` with several processes.
+    """
+    baseline = cfg.get("baseline")
+    if baseline is None:
+        return None
+    if baseline not in BASELINES:
+        raise ConfigError(
+            f"`baseline`={baseline!r} is not allowed; choose one of {BASELINES} or null."
+        )
+    devices = trainer_kwargs.get("devices", 1)
+    several = (isinstance(devices, int) and devices > 1) or (
+        isinstance(devices, (list, tuple)) and len(devices) > 1
+    )
+    if baseline == "train" and (several or int(trainer_kwargs.get("num_nodes", 1)) > 1):
+        raise ConfigError(
+            f"`baseline`=train trains the dense model in this job, on one process; with "
+            f"trainer.devices={devices!r} and trainer.num_nodes="
+            f"{trainer_kwargs.get('num_nodes', 1)} use baseline=snapshot, or run recipe=dense as "
+            "a job of its own."
+        )
+    return str(baseline)
+
+
 def _loggers(cfg: DictConfig) -> list[Logger]:
     nodes = cfg.get("logger") or {}
     return [instantiate(node) for node in nodes.values() if node and "_target_" in node]
@@ -259,6 +293,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trainer_kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
     check_strategy(trainer_kwargs)
     objective_names(cfg)
+    baseline = check_baseline(cfg, trainer_kwargs)
     if cfg.get("oneshot"):
         raise ConfigError(
             f"`oneshot` holds one-shot steps ({', '.join(cfg.oneshot)}), which `train` does not "
@@ -277,7 +312,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True)
     history = report.SparsityHistory()
     loggers = _loggers(cfg)
+    start = compression_start(recipe_callbacks.values())
+    snapshot = DenseSnapshot(start) if baseline == "snapshot" and start > 0 else None
     callbacks: list[Callback] = [
+        *([snapshot] if snapshot else []),  # first: it keeps the weights before any technique acts
         *recipe_callbacks.values(),
         history,  # after the techniques, so it measures what they applied
         # The recipe, and the whole config that `resume=` continues with, in every checkpoint.
@@ -300,6 +338,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             recipe_callbacks,
             history,
             loggers,
+            baseline=lambda: _baseline(
+                cfg, baseline, snapshot, trainer, module, datamodule, trainer_kwargs
+            ),
         )
     except BaseException as err:
         tracking.finish(loggers, error=err)
@@ -335,8 +376,12 @@ def _fit_test_report(
     recipe_callbacks: Mapping[str, Callback],
     history: report.SparsityHistory,
     loggers: Sequence[Logger],
+    baseline: Callable[[], dict[str, Any]],
 ) -> dict[str, Any]:
-    """Write recipe and environment, fit, test, then summary, plots, trackers and rank report."""
+    """Write recipe and environment, fit, test, then summary, plots, trackers and rank report.
+
+    ``baseline`` gives the dense accuracy's summary entries (every rank, after a complete run).
+    """
     run_dir = _run_dir(cfg)
     checkpoint = trainer.checkpoint_callback
     assert isinstance(checkpoint, ModelCheckpoint)
@@ -384,6 +429,8 @@ def _fit_test_report(
     )
     if cfg.get("resume"):
         summary["resumed_from"] = str(cfg.ckpt_path)
+    if status == report.STATUS_OK:
+        summary.update(baseline())
     if trainer.is_global_zero:
         if cfg.get("export", True) and status == report.STATUS_OK:
             # ONNX fp32 (and int8 after QAT) and the compressed checkpoint, measured with ONNX
@@ -406,6 +453,41 @@ def _fit_test_report(
     if cfg.get("debug", {}).get("rank_report"):
         _write_rank_report(trainer, module, recipe_callbacks, run_dir, val_acc, wrote)
     return summary
+
+
+def _baseline(
+    cfg: DictConfig,
+    baseline: str | None,
+    snapshot: DenseSnapshot | None,
+    trainer: pl.Trainer,
+    module: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    trainer_kwargs: Mapping[str, Any],
+) -> dict[str, Any]:
+    """``dense_test_acc`` and how it was measured (``dense_baseline``), or nothing."""
+    if baseline == "snapshot":
+        dense = snapshot.model(module) if snapshot is not None else None
+        if dense is None:
+            log.info("baseline=snapshot: the recipe compresses from epoch 0, so no dense snapshot.")
+            return {"dense_test_acc": None, "dense_baseline": {"kind": "snapshot", "epoch": None}}
+        assert snapshot is not None
+        return {
+            "dense_test_acc": evaluate_accuracy(trainer, dense, datamodule),
+            "dense_baseline": {"kind": "snapshot", "epoch": snapshot.taken_at},
+        }
+    if baseline == "train":
+        # Built in the order `run` builds them after the same seed: a `recipe=dense` run's model.
+        pl.seed_everything(int(cfg.seed), workers=True)
+        dense_data: pl.LightningDataModule = instantiate(cfg.data)
+        dense_model: pl.LightningModule = instantiate(cfg.model)
+        log.info("baseline=train: training the dense model with the same settings.")
+        dense_trainer = pl.Trainer(**quiet_kwargs(trainer_kwargs))
+        dense_trainer.fit(dense_model, datamodule=dense_data)
+        return {
+            "dense_test_acc": evaluate_accuracy(dense_trainer, dense_model, dense_data),
+            "dense_baseline": {"kind": "train", "epochs": dense_trainer.current_epoch},
+        }
+    return {}
 
 
 def _plots(

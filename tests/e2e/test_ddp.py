@@ -131,12 +131,14 @@ def test_multi_node_overrides_compose() -> None:
 
 @pytest.mark.slow
 def test_ddp_runs_the_main_recipe_with_every_technique_in_agreement(tmp_path: Path) -> None:
-    # gmp_qat_distill, squeezed: distil and prune in epoch 0-1, QAT from epoch 1, 3 epochs.
+    # gmp_qat_distill, squeezed: dense to epoch 0.5, then distil (logits and conv2's features)
+    # and prune to epoch 1, QAT from epoch 1, 3 epochs.
     result = run_app(
         *QUICK,
         "recipe=gmp_qat_distill",
-        "recipe.pruning.start_epoch=0",
+        "recipe.pruning.start_epoch=0.5",
         "recipe.pruning.end_epoch=1",
+        "recipe.distillation.features=[model.conv2]",
         "trainer.max_epochs=3",
         "trainer=ddp_sim",
         "debug.rank_report=true",
@@ -154,3 +156,7 @@ def test_ddp_runs_the_main_recipe_with_every_technique_in_agreement(tmp_path: Pa
     assert summary["sparsity"] == pytest.approx(0.9, abs=1e-3)
     assert summary["onnx_int8_acc"] is not None
     assert (tmp_path / "export" / "model_int8.onnx").is_file()
+    # The dense snapshot (taken where pruning began) was tested by both ranks together.
+    assert summary["dense_baseline"] == {"kind": "snapshot", "epoch": 0.5}
+    assert 0.0 < summary["dense_test_acc"] <= 1.0
+    assert rank0["metrics"]["test/acc"] == rank1["metrics"]["test/acc"]

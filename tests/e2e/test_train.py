@@ -407,3 +407,45 @@ def test_unknown_objective_is_refused_before_training(compose_run_cfg: ComposeRu
     with pytest.raises(ConfigError, match="objectives: 'flops' is not a summary metric"):
         run(cfg)
     assert not Path(cfg.output_dir).exists()
+
+
+def test_dense_baseline_trained_in_the_job_is_a_dense_run(
+    compose_run_cfg: ComposeRunCfg, tmp_path: Path
+) -> None:
+    compressed = run(
+        compose_run_cfg(*QUICK, *QUICK_PRUNING, "baseline=train", output_dir=tmp_path / "c")
+    )
+    dense = run(compose_run_cfg(*QUICK, "recipe=dense", "baseline=null", output_dir=tmp_path / "d"))
+    assert compressed["dense_baseline"] == {"kind": "train", "epochs": 2}
+    assert compressed["dense_test_acc"] == dense["test_acc"]
+    assert "dense_test_acc" not in dense
+    # Still the compressed model's numbers everywhere else, logs included.
+    assert compressed["sparsity"] == pytest.approx(0.9, abs=1e-3)
+    logged = (tmp_path / "c" / "csv" / "metrics.csv").read_text().splitlines()
+    test_rows = [
+        row for row in logged[1:] if row.split(",")[logged[0].split(",").index("test/acc")]
+    ]
+    assert len(test_rows) == 1
+    # Pruning from epoch 0 leaves no dense phase to snapshot.
+    default = run(compose_run_cfg(*QUICK, *QUICK_PRUNING, output_dir=tmp_path / "s"))
+    assert default["dense_baseline"] == {"kind": "snapshot", "epoch": None}
+    assert default["dense_test_acc"] is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["baseline=best"], r"`baseline`='best' is not allowed; choose one of \('snapshot', "),
+        (
+            ["baseline=train", "trainer=ddp_sim"],
+            r"`baseline`=train trains the dense model in this job, on one process; with "
+            r"trainer\.devices=2",
+        ),
+    ],
+)
+def test_bad_baseline_is_refused_before_training(
+    compose_run_cfg: ComposeRunCfg, tmp_path: Path, overrides: list[str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        run(compose_run_cfg(*QUICK, *overrides))
+    assert_no_run_outputs(tmp_path / "run")
