@@ -397,11 +397,11 @@ def _add_dense_rows(table: Table, summary: Mapping[str, Any]) -> None:
         return
     dense = summary.get("dense_test_acc")
     if how.get("kind") == "train":
-        label = "dense accuracy (dense run, same setup)"
+        label = "dense acc. (dense run, same setup)"
     elif how.get("epoch") is not None:
-        label = f"dense accuracy (snapshot, epoch {how['epoch']:.2f})"
+        label = f"dense acc. (snapshot, epoch {how['epoch']:.2f})"
     else:
-        label = "dense accuracy (none: compressed from 0)"
+        label = "dense acc. (none: compressed from 0)"
     table.add_row(label, _percent(dense))
     if dense is None:
         return

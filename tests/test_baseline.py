@@ -84,8 +84,8 @@ def _render(summary: dict[str, object]) -> str:
 @pytest.mark.parametrize(
     ("baseline", "label"),
     [
-        ({"kind": "snapshot", "epoch": 5.0}, "dense accuracy (snapshot, epoch 5.00)"),
-        ({"kind": "train", "epochs": 30}, "dense accuracy (dense run, same setup)"),
+        ({"kind": "snapshot", "epoch": 5.0}, "dense acc. (snapshot, epoch 5.00)"),
+        ({"kind": "train", "epochs": 30}, "dense acc. (dense run, same setup)"),
     ],
 )
 def test_summary_table_compares_with_dense(baseline: dict[str, object], label: str) -> None:
@@ -108,6 +108,6 @@ def test_summary_table_without_a_dense_phase() -> None:
     text = _render(
         {"test_acc": 0.9, "dense_test_acc": None, "dense_baseline": {"kind": "snapshot"}}
     )
-    assert "dense accuracy (none: compressed from 0)" in text
+    assert "dense acc. (none: compressed from 0)" in text
     assert "vs dense" not in text
-    assert "dense accuracy" not in _render({"test_acc": 0.9})  # baseline=null: no rows
+    assert "dense acc." not in _render({"test_acc": 0.9})  # baseline=null: no rows

@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from lightning_sparse.data.augment import RandomShift
 from lightning_sparse.data.resumable import train_sampler
 
 __all__ = ["TensorDataModule", "check_classes", "select_classes", "stratified_split"]
@@ -53,6 +54,8 @@ class TensorDataModule(LightningDataModule):
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.num_workers = int(num_workers)
+        # Subclasses that take a `max_shift` argument set it; 0 trains on the images as they are.
+        self.max_shift = 0
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -79,6 +82,8 @@ class TensorDataModule(LightningDataModule):
         sampler = train_sampler(
             cast(Sized, dataset), self.trainer, self.batch_size, shuffle=True, seed=self.seed
         )
+        if self.max_shift:
+            dataset = RandomShift(dataset, self.max_shift, self.seed, sampler)
         return DataLoader(
             dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers
         )

@@ -37,6 +37,9 @@ class DigitsDataModule(TensorDataModule):
         classes: keep only these digits, relabelled ``0..len(classes)-1`` in the order given,
             e.g. ``[5, 6, 7, 8, 9]`` for a transfer task whose label 0 is the digit 5. None keeps
             ``0..num_classes-1``.
+        max_shift: translate every training image by up to this many pixels per axis (zeros
+            shifted in), a fresh draw per epoch that is a pure function of ``(seed, epoch,
+            sample)``; 0 (the default) trains on the images as they are. Val/test are never moved.
 
     Example::
 
@@ -56,12 +59,15 @@ class DigitsDataModule(TensorDataModule):
         num_classes: int | None = None,
         input_shape: Sequence[int] = DIGITS_SHAPE,
         classes: Sequence[int] | None = None,
+        max_shift: int = 0,
     ) -> None:
         if tuple(int(d) for d in input_shape) != DIGITS_SHAPE:
             raise ValueError(
                 f"`input_shape`={list(input_shape)} is not allowed; the digits are "
                 f"{list(DIGITS_SHAPE)} images."
             )
+        if int(max_shift) < 0:
+            raise ValueError(f"`max_shift`={max_shift!r} is not allowed; it must be >= 0.")
         chosen = check_classes(classes, num_classes, available=10)
         for field, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0 < value < 1:
@@ -77,6 +83,7 @@ class DigitsDataModule(TensorDataModule):
         self.val_fraction = float(val_fraction)
         self.test_fraction = float(test_fraction)
         self.split_seed = int(split_seed)
+        self.max_shift = int(max_shift)
 
     def _build(self) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
         digits = load_digits()

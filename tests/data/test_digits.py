@@ -105,3 +105,30 @@ def test_fewer_classes() -> None:
 def test_bad_arguments(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         DigitsDataModule(**kwargs)
+
+
+def test_max_shift_is_a_pure_function_of_seed_epoch_and_sample() -> None:
+    def epoch_batches(seed: int, epoch: int, skip: int = 0) -> list[torch.Tensor]:
+        datamodule = DigitsDataModule(batch_size=100, seed=seed, max_shift=1)
+        loader = datamodule.train_dataloader()
+        assert isinstance(loader.sampler, ResumableSampler)
+        loader.sampler.set_epoch(epoch)
+        loader.sampler.skip_once(skip * 100)  # what a mid-epoch resume does
+        return [inputs for inputs, _ in loader]
+
+    full = epoch_batches(seed=0, epoch=3)
+    # A resume after 4 batches sees exactly the batches the uninterrupted epoch did.
+    for expected, actual in zip(full[4:], epoch_batches(seed=0, epoch=3, skip=4), strict=True):
+        assert torch.equal(expected, actual)
+    assert not torch.equal(full[0], epoch_batches(seed=0, epoch=4)[0])
+    assert not torch.equal(full[0], epoch_batches(seed=1, epoch=3)[0])
+    plain = DigitsDataModule(batch_size=100)
+    plain.setup()
+    assert plain.train_set is not None
+    assert sum(batch.sum() for batch in full) < plain.train_set.tensors[0].sum()  # zeros moved in
+    # Evaluation images are never moved.
+    shifted = DigitsDataModule(max_shift=1)
+    shifted.setup()
+    assert shifted.val_set is not None
+    assert plain.val_set is not None
+    assert torch.equal(shifted.val_set.tensors[0], plain.val_set.tensors[0])
