@@ -12,6 +12,7 @@ count, in which case it is swapped for the model's freshly initialised one.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -275,11 +276,30 @@ class ClassificationModule(CompressionModule, pl.LightningModule):
             return optimizer
         total = max(1, int(self.trainer.estimated_stepping_batches))
         floor = float(self.hparams.get("min_lr_ratio", 0.0))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _Cosine(total, floor))
+        # A partial keeps `total` out of LambdaLR's state_dict (it saves a callable's __dict__
+        # only), so a run resumed with a larger max_epochs stretches the curve to its new end.
+        factor = functools.partial(_cosine, total=total, floor=floor)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
         }
+
+    @override
+    def on_train_start(self) -> None:
+        # A run resumed with a longer max_epochs restores the learning rate of the old curve's
+        # step; put it on the new curve now rather than one step late.
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                continue
+            factors = scheduler.lr_lambdas
+            if not all(isinstance(f, functools.partial) and f.func is _cosine for f in factors):
+                continue
+            groups = scheduler.optimizer.param_groups
+            for group, base, factor in zip(groups, scheduler.base_lrs, factors, strict=True):
+                group["lr"] = base * factor(scheduler.last_epoch)
+            scheduler._last_lr = [group["lr"] for group in groups]  # what get_last_lr() reports
 
     def _optimizer(self) -> torch.optim.Optimizer:
         params = self.parameters()
@@ -292,19 +312,10 @@ class ClassificationModule(CompressionModule, pl.LightningModule):
         return torch.optim.SGD(params, lr=lr, momentum=self.hparams["momentum"], weight_decay=decay)
 
 
-class _Cosine:
-    """``LambdaLR`` factor: half a cosine from 1 at step 0 to ``floor`` at step ``total``.
-
-    A class, not a closure: ``LambdaLR.state_dict`` then records its fields in checkpoints.
-    """
-
-    def __init__(self, total: int, floor: float) -> None:
-        self.total = total
-        self.floor = floor
-
-    def __call__(self, step: int) -> float:
-        progress = min(step, self.total) / self.total
-        return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+def _cosine(step: int, total: int, floor: float) -> float:
+    """``LambdaLR`` factor: half a cosine from 1 at step 0 to ``floor`` at step ``total``."""
+    progress = min(step, total) / total
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def find_head(model: nn.Module, head: str | None = None) -> tuple[str, nn.Linear] | None:

@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import itertools
+import math
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from lightning_sparse.data import SyntheticDataModule
@@ -27,15 +31,14 @@ class ConstantLoss(pl.Callback):
 
 
 def _trainer(callbacks: list[pl.Callback], **kwargs: Any) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        callbacks=callbacks,
-        **kwargs,
-    )
+    options: dict[str, Any] = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": any(isinstance(c, ModelCheckpoint) for c in callbacks),
+    }
+    return pl.Trainer(callbacks=callbacks, **options, **kwargs)
 
 
 def _data() -> SyntheticDataModule:
@@ -108,8 +111,64 @@ def test_optimizers(name: str, expected: type) -> None:
         ({"lr": 0.0}, "`lr`=0.0"),
         ({"weight_decay": -1.0}, "`weight_decay`=-1.0"),
         ({"num_classes": 1}, "`num_classes`=1"),
+        ({"lr_schedule": "step"}, r"`lr_schedule`='step' is not allowed; choose one of"),
+        ({"min_lr_ratio": 1.5}, r"`min_lr_ratio`=1.5 is not allowed; it must be in \[0, 1\]"),
     ],
 )
 def test_bad_arguments(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ClassificationModule(SmallCNN(), **kwargs)
+
+
+class LearningRates(pl.Callback):
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_cosine_schedule_runs_over_every_optimizer_step(accumulate: int) -> None:
+    pl.seed_everything(0)
+    data = SyntheticDataModule(train_size=160, batch_size=16)
+    module = ClassificationModule(
+        SmallCNN(num_classes=data.num_classes),
+        num_classes=data.num_classes,
+        lr=0.1,
+        lr_schedule="cosine",
+        min_lr_ratio=0.1,
+    )
+    rates = LearningRates()
+    _trainer([rates], max_epochs=4, accumulate_grad_batches=accumulate).fit(module, data)
+    batches = len(rates.rates)
+    steps = batches // accumulate  # optimizer steps: the schedule's length
+    per_step = rates.rates[::accumulate]
+    assert per_step[0] == pytest.approx(0.1)
+    # Half a cosine from 0.1 down to 0.01 over the optimizer steps, updated every step.
+    for step, rate in enumerate(per_step):
+        expected = 0.01 + 0.09 * 0.5 * (1 + math.cos(math.pi * step / steps))
+        assert rate == pytest.approx(expected), step
+    assert all(a > b for a, b in itertools.pairwise(per_step))
+
+
+def test_cosine_schedule_stretches_when_a_resumed_run_trains_longer(tmp_path: Path) -> None:
+    def fit(max_epochs: int, ckpt: str | None) -> LearningRates:
+        pl.seed_everything(0)
+        data = SyntheticDataModule(train_size=160, batch_size=16)
+        module = ClassificationModule(
+            SmallCNN(num_classes=data.num_classes), lr=0.1, lr_schedule="cosine"
+        )
+        rates = LearningRates()
+        checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+        trainer = _trainer([rates, checkpoint], max_epochs=max_epochs)
+        trainer.fit(module, data, ckpt_path=ckpt)
+        return rates
+
+    first = fit(2, None)  # 10 steps per epoch: 20 steps, cosine over 20
+    assert first.rates[10] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 10 / 20)))
+    extended = fit(4, str(tmp_path / "last.ckpt"))  # steps 20..39 on a cosine over 40
+    assert len(extended.rates) == 20
+    for offset, rate in enumerate(extended.rates):
+        step = 20 + offset
+        assert rate == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * step / 40))), step
