@@ -305,6 +305,7 @@ class KnowledgeDistillation(CompressionCallback):
         teacher: ``"self"``, a run dir or checkpoint file, or None (then ``teacher_model``).
         teacher_model: the teacher's architecture: a ``_target_`` config (Hydra's recursive
             instantiation may hand it over already built) or an ``nn.Module``. None: the student's.
+        teacher_ckpt: another spelling of ``teacher=<run dir or checkpoint>`` (SparseML's name).
         hardness: weight of the distillation term, > 0.
         temperature: softmax temperature ``T``, > 0.
         start_epoch: fractional epoch from which the term is added (and the self-teacher taken).
@@ -347,6 +348,7 @@ class KnowledgeDistillation(CompressionCallback):
         self,
         teacher: str | Path | None = SELF_TEACHER,
         teacher_model: Mapping[str, Any] | nn.Module | None = None,
+        teacher_ckpt: str | Path | None = None,
         hardness: float = 0.5,
         temperature: float = 2.0,
         start_epoch: float = 0.0,
@@ -357,6 +359,16 @@ class KnowledgeDistillation(CompressionCallback):
         name: str | None = None,
     ) -> None:
         super().__init__(name=name)
+        if teacher_ckpt is not None:
+            # SparseML-style spelling of `teacher=<checkpoint>`.
+            if teacher not in (SELF_TEACHER, None) and str(teacher) != str(teacher_ckpt):
+                raise ValueError(
+                    f"`teacher`={teacher!r} and `teacher_ckpt`={str(teacher_ckpt)!r} name two "
+                    "teachers; give the checkpoint in one of them."
+                )
+            teacher = teacher_ckpt
+        # The argument the user gave the checkpoint in, for error messages.
+        self._teacher_field = "teacher" if teacher_ckpt is None else "teacher_ckpt"
         if teacher is not None and not isinstance(teacher, (str, Path)):
             raise ValueError(
                 f"`teacher`={teacher!r} is not allowed; give 'self', a run dir or checkpoint "
@@ -386,7 +398,7 @@ class KnowledgeDistillation(CompressionCallback):
             )
         if teacher is not None and teacher != SELF_TEACHER:
             # Fails here, when the recipe is built, not after hours of training.
-            checkpoint_path(teacher, field="teacher")
+            checkpoint_path(teacher, field=self._teacher_field)
         chosen_features = _normalise_features(features)
         if not _is_number(hardness) or hardness < 0 or (hardness == 0 and not chosen_features):
             raise ValueError(
@@ -521,7 +533,7 @@ class KnowledgeDistillation(CompressionCallback):
         else:
             model = _copy_of(pl_module)
         if self.teacher_source is not None:
-            state = read_state_dict(self.teacher_source, field="teacher")
+            state = read_state_dict(self.teacher_source, field=self._teacher_field)
             self._load_teacher_weights(model, state)
         return model
 

@@ -196,6 +196,8 @@ def test_missing_teacher_checkpoint_names_teacher(tmp_path: Path) -> None:
     missing = tmp_path / "nope.ckpt"
     with pytest.raises(FileNotFoundError, match=r"`teacher`=.*nope\.ckpt.* does not exist"):
         KnowledgeDistillation(teacher=str(missing))
+    with pytest.raises(FileNotFoundError, match=r"`teacher_ckpt`=.*nope\.ckpt.* does not exist"):
+        KnowledgeDistillation(teacher_ckpt=str(missing))
     # Through a recipe: before anything trains, naming the entry and the field.
     recipe = {
         "distillation": {
@@ -214,6 +216,7 @@ def test_teacher_from_a_checkpoint_and_from_a_model_config(tmp_path: Path) -> No
     torch.save({"state_dict": trained.state_dict()}, path)
     for kd in (
         KnowledgeDistillation(teacher=str(path)),
+        KnowledgeDistillation(teacher_ckpt=str(path)),
         KnowledgeDistillation(
             teacher=str(path), teacher_model={"_target_": "tests.helpers.TinyNet"}
         ),
@@ -249,6 +252,10 @@ def test_teacher_from_a_checkpoint_and_from_a_model_config(tmp_path: Path) -> No
             r"`end_epoch`=2 is not allowed; it must be null or a number > `start_epoch`=2",
         ),
         ({"name": ""}, r"`name`='' must be a non-empty string or None"),
+        (
+            {"teacher": "a.ckpt", "teacher_ckpt": "b.ckpt"},
+            r"`teacher`='a\.ckpt' and `teacher_ckpt`='b\.ckpt' name two teachers",
+        ),
     ],
 )
 def test_constructor_errors_name_the_argument(kwargs: dict[str, Any], message: str) -> None:
