@@ -597,6 +597,18 @@ def _record_failure(cfg: DictConfig, error: BaseException) -> None:
         log.error("Could not record the failure in summary.json: %s", record_error)
 
 
+def _close_process_group() -> None:
+    """Destroy the DDP process group at the end of a successful run (a no-op without one).
+
+    Lightning leaves it open; torch then tears gloo down during interpreter exit, where its worker
+    threads can abort the process ("terminate called without an active exception") after all the
+    work was done and written. Only after success: a collective cleanup while another rank is
+    failing could hang.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def main(cfg: DictConfig) -> float | list[float] | None:
     """Console entry point (``lightning-sparse-train``); returns the objectives for sweepers.
@@ -610,6 +622,7 @@ def main(cfg: DictConfig) -> float | list[float] | None:
     """
     try:
         summary = run(cfg)
+        _close_process_group()
     except Exception as err:
         _record_failure(cfg, err)
         if not _is_multirun():

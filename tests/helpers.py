@@ -86,6 +86,15 @@ def quiet_trainer(**kwargs: Any) -> pl.Trainer:
     return pl.Trainer(**options)
 
 
+def end_ddp() -> None:
+    """Destroy the process group at the end of a DDP script, as a real training script should.
+
+    Left to interpreter exit, gloo's teardown can abort the process after the work is done.
+    """
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def run_ddp_script(module: str, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run ``python -m <module> <out_dir>`` (a 2-rank DDP script); return both ranks' records.
 

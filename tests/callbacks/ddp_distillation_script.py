@@ -16,7 +16,7 @@ import torch
 
 from lightning_sparse import KnowledgeDistillation
 from tests.callbacks.test_distillation import DistilModule
-from tests.helpers import TinyData
+from tests.helpers import TinyData, end_ddp
 
 
 class FirstProjection(pl.Callback):
@@ -61,6 +61,7 @@ def main(out_dir: Path) -> None:
         },
         out_dir / f"rank{trainer.global_rank}.pt",
     )
+    end_ddp()
 
 
 if __name__ == "__main__":

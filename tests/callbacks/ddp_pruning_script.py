@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_sparse import MagnitudePruning
-from tests.helpers import TinyData, TinyModule
+from tests.helpers import TinyData, TinyModule, end_ddp
 
 
 class RecordingPruning(MagnitudePruning):
@@ -76,6 +76,7 @@ def main(out_dir: Path) -> None:
         },
         out_dir / f"rank{trainer.global_rank}.pt",
     )
+    end_ddp()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch
 
 from lightning_sparse import MagnitudePruning
 from lightning_sparse.callbacks import QuantizationAwareTraining
-from tests.helpers import TinyData, TinyModule
+from tests.helpers import TinyData, TinyModule, end_ddp
 
 
 class RangeRecorder(pl.Callback):
@@ -63,6 +63,7 @@ def main(out_dir: Path) -> None:
         },
         out_dir / f"rank{trainer.global_rank}.pt",
     )
+    end_ddp()
 
 
 if __name__ == "__main__":
