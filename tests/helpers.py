@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -84,6 +85,42 @@ def quiet_trainer(**kwargs: Any) -> pl.Trainer:
     }
     options.update(kwargs)
     return pl.Trainer(**options)
+
+
+class Crash(pl.Callback):
+    """Raises once training reaches ``at_step``: an interrupted run, to resume from a checkpoint."""
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.at_step:
+            raise RuntimeError("crash on purpose")
+
+
+def fit_resumable(
+    module: pl.LightningModule,
+    callbacks: list[pl.Callback],
+    checkpoints: Path,
+    crash_at: int | None,
+    ckpt_path: str | None,
+    max_epochs: int = 3,
+) -> pl.Trainer:
+    """Fit on ``TinyData`` with a checkpoint every 5 steps in ``checkpoints`` (``step=<n>.ckpt``).
+
+    ``crash_at`` stops the run with :class:`Crash` at that step; ``ckpt_path`` resumes one.
+    """
+    every_five = ModelCheckpoint(
+        dirpath=checkpoints, every_n_train_steps=5, save_top_k=-1, filename="{step}"
+    )
+    crash = [Crash(crash_at)] if crash_at is not None else []
+    trainer = quiet_trainer(
+        max_epochs=max_epochs,
+        callbacks=[*callbacks, every_five, *crash],
+        enable_checkpointing=True,
+    )
+    trainer.fit(module, TinyData(), ckpt_path=ckpt_path)
+    return trainer
 
 
 def end_ddp() -> None:

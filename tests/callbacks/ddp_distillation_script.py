@@ -16,7 +16,7 @@ import torch
 
 from lightning_sparse import KnowledgeDistillation
 from tests.callbacks.test_distillation import DistilModule
-from tests.helpers import TinyData, end_ddp
+from tests.helpers import TinyData, end_ddp, quiet_trainer
 
 
 class FirstProjection(pl.Callback):
@@ -39,17 +39,7 @@ def main(out_dir: Path) -> None:
         features=["model.conv1"],
     )
     first = FirstProjection(kd)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_epochs=2,
-        callbacks=[kd, first],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
+    trainer = quiet_trainer(devices=2, strategy="ddp", max_epochs=2, callbacks=[kd, first])
     module = DistilModule()
     trainer.fit(module, TinyData())
     torch.save(

@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_sparse import MagnitudePruning
-from tests.helpers import TinyData, TinyModule, end_ddp
+from tests.helpers import TinyData, TinyModule, end_ddp, quiet_trainer
 
 
 class RecordingPruning(MagnitudePruning):
@@ -55,17 +55,7 @@ def main(out_dir: Path) -> None:
     pruning = RecordingPruning(
         final_sparsity=0.8, start_epoch=0.5, end_epoch=2, update_frequency=0.5, global_sparsity=True
     )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_epochs=3,
-        callbacks=[pruning],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
+    trainer = quiet_trainer(devices=2, strategy="ddp", max_epochs=3, callbacks=[pruning])
     module = TinyModule()
     trainer.fit(module, TinyData())
     torch.save(

@@ -17,7 +17,7 @@ import torch
 
 from lightning_sparse import MagnitudePruning
 from lightning_sparse.callbacks import QuantizationAwareTraining
-from tests.helpers import TinyData, TinyModule, end_ddp
+from tests.helpers import TinyData, TinyModule, end_ddp, quiet_trainer
 
 
 class RangeRecorder(pl.Callback):
@@ -36,21 +36,16 @@ def main(out_dir: Path) -> None:
     pl.seed_everything(0)
     qat = QuantizationAwareTraining(start_epoch=0.4, disable_quantization_observer_epoch=1.6)
     recorder = RangeRecorder(qat)
-    trainer = pl.Trainer(
-        accelerator="cpu",
+    # QAT first, so the recorder sees the ranges after the sync
+    trainer = quiet_trainer(
         devices=2,
         strategy="ddp",
         max_epochs=2,
-        # QAT first, so the recorder sees the ranges after the sync
         callbacks=[
             MagnitudePruning(final_sparsity=0.6, start_epoch=0, end_epoch=1, update_frequency=0.5),
             qat,
             recorder,
         ],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
     )
     module = TinyModule()
     trainer.fit(module, TinyData())

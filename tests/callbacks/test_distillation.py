@@ -16,7 +16,7 @@ from lightning_sparse.callbacks.base import fractional_epoch
 from lightning_sparse.callbacks.distillation import distillation_loss
 from lightning_sparse.module import CompressionModule
 from lightning_sparse.recipe import RecipeError, instantiate_recipe, load
-from tests.helpers import TinyData, TinyModule, TinyNet, quiet_trainer
+from tests.helpers import TinyData, TinyModule, TinyNet, fit_resumable, quiet_trainer
 
 # TinyData: 80 samples, batch 8 -> 10 optimizer steps per epoch.
 
@@ -119,15 +119,6 @@ def test_teacher_is_frozen_eval_and_not_part_of_the_model(tmp_path: Path) -> Non
     assert "compression/KnowledgeDistillation/active" in metrics
 
 
-class Crash(pl.Callback):
-    def __init__(self, at_step: int) -> None:
-        self.at_step = at_step
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.at_step:
-            raise RuntimeError("crash on purpose")
-
-
 class TeacherTakes(pl.Callback):
     """Counts the self-teacher copies a run takes."""
 
@@ -153,12 +144,8 @@ def _kd_run(
         MagnitudePruning(final_sparsity=0.7, start_epoch=1, end_epoch=2, update_frequency=0.5),
         kd,
         takes,
-        ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=5, save_top_k=-1, filename="{step}"),
     ]
-    if crash_at is not None:
-        callbacks.append(Crash(crash_at))
-    trainer = quiet_trainer(max_epochs=3, callbacks=callbacks, enable_checkpointing=True)
-    trainer.fit(module, TinyData(), ckpt_path=ckpt_path)
+    fit_resumable(module, callbacks, tmp_path, crash_at, ckpt_path)
     return module, kd, takes
 
 

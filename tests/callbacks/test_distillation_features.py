@@ -8,15 +8,14 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_sparse import KnowledgeDistillation
 from lightning_sparse.callbacks import MagnitudePruning
 from lightning_sparse.callbacks.distillation import _projection_dim, feature_loss
 from lightning_sparse.recipe import RecipeError, check_against_model, instantiate_recipe
-from tests.callbacks.test_distillation import Crash, DistilModule
-from tests.helpers import TinyData, TinyNet, quiet_trainer, run_ddp_script
+from tests.callbacks.test_distillation import DistilModule
+from tests.helpers import TinyData, TinyNet, fit_resumable, quiet_trainer, run_ddp_script
 
 # TinyData: 80 samples, batch 8 -> 10 optimizer steps per epoch.
 KEY = "KnowledgeDistillation"
@@ -161,12 +160,8 @@ def _resume_run(
     kd = _wide_kd(start_epoch=0.5)
     callbacks: list[pl.Callback] = [
         kd,
-        ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=5, save_top_k=-1, filename="{step}"),
     ]
-    if crash_at is not None:
-        callbacks.append(Crash(crash_at))
-    trainer = quiet_trainer(max_epochs=3, callbacks=callbacks, enable_checkpointing=True)
-    trainer.fit(module, TinyData(), ckpt_path=ckpt_path)
+    fit_resumable(module, callbacks, tmp_path, crash_at, ckpt_path)
     return module, kd
 
 

@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from lightning_sparse import ConstantPruning, MagnitudePruning
 from lightning_sparse.callbacks.base import fractional_epoch
-from tests.helpers import TinyData, TinyModule, TinyNet, quiet_trainer
+from tests.helpers import TinyData, TinyModule, TinyNet, fit_resumable, quiet_trainer
 
 # TinyData: 80 samples, batch 8 -> 10 batches per epoch.
 
@@ -234,15 +234,6 @@ def test_pruned_checkpoint_loads_into_the_plain_model(tmp_path: Path) -> None:
     assert all(m.dtype == torch.bool for m in callback_state["masks"].values())
 
 
-class Crash(pl.Callback):
-    def __init__(self, at_step: int) -> None:
-        self.at_step = at_step
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.at_step:
-            raise RuntimeError("crash on purpose")
-
-
 def _resume_run(tmp_path: Path, crash_at: int | None, ckpt_path: str | None) -> torch.nn.Module:
     pl.seed_everything(0)
     module = TinyModule()
@@ -251,12 +242,8 @@ def _resume_run(tmp_path: Path, crash_at: int | None, ckpt_path: str | None) -> 
     )
     callbacks: list[pl.Callback] = [
         pruning,
-        ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=5, save_top_k=-1, filename="{step}"),
     ]
-    if crash_at is not None:
-        callbacks.append(Crash(crash_at))
-    trainer = quiet_trainer(max_epochs=5, callbacks=callbacks, enable_checkpointing=True)
-    trainer.fit(module, TinyData(), ckpt_path=ckpt_path)
+    fit_resumable(module, callbacks, tmp_path, crash_at, ckpt_path, max_epochs=5)
     return module
 
 

@@ -20,7 +20,14 @@ from lightning_sparse.callbacks.quantization import (
 )
 from lightning_sparse.data import SyntheticDataModule
 from lightning_sparse.quant_backend import quantized_layers
-from tests.helpers import TinyData, TinyModule, TinyNet, quiet_trainer, run_ddp_script
+from tests.helpers import (
+    TinyData,
+    TinyModule,
+    TinyNet,
+    fit_resumable,
+    quiet_trainer,
+    run_ddp_script,
+)
 
 # TinyData: 80 samples, batch 8 -> 10 optimizer steps per epoch.
 
@@ -167,15 +174,6 @@ def test_composes_with_pruning_masks_hold_and_zeros_survive_quantization(tmp_pat
     assert list(module.state_dict()) == [f"model.{k}" for k in TinyNet().state_dict()]
 
 
-class Crash(pl.Callback):
-    def __init__(self, at_step: int) -> None:
-        self.at_step = at_step
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.at_step:
-            raise RuntimeError("crash on purpose")
-
-
 def _qat_run(
     tmp_path: Path, crash_at: int | None, ckpt_path: str | None
 ) -> tuple[pl.LightningModule, QuantizationAwareTraining]:
@@ -185,12 +183,8 @@ def _qat_run(
     callbacks: list[pl.Callback] = [
         MagnitudePruning(final_sparsity=0.7, start_epoch=0, end_epoch=1, update_frequency=0.5),
         qat,
-        ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=5, save_top_k=-1, filename="{step}"),
     ]
-    if crash_at is not None:
-        callbacks.append(Crash(crash_at))
-    trainer = quiet_trainer(max_epochs=3, callbacks=callbacks, enable_checkpointing=True)
-    trainer.fit(module, TinyData(), ckpt_path=ckpt_path)
+    fit_resumable(module, callbacks, tmp_path, crash_at, ckpt_path)
     return module, qat
 
 
