@@ -82,19 +82,21 @@ class _DownloadableDataModule(TensorDataModule):
     MEAN: ClassVar[tuple[float, ...]]
     STD: ClassVar[tuple[float, ...]]
 
+    # One signature (with its defaults) for every subclass, so Hydra binds their configs against
+    # it; `input_shape` None stands for the class's SHAPE.
     def __init__(
         self,
-        root: str | Path,
-        download: bool,
-        batch_size: int,
-        val_fraction: float,
-        split_seed: int,
-        seed: int,
-        num_workers: int,
-        num_classes: int | None,
-        input_shape: Sequence[int] | None,
-        classes: Sequence[int] | None,
-        normalize: bool,
+        root: str | Path = "data",
+        download: bool = True,
+        batch_size: int = 128,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        seed: int = 0,
+        num_workers: int = 0,
+        num_classes: int | None = None,
+        input_shape: Sequence[int] | None = None,
+        classes: Sequence[int] | None = None,
+        normalize: bool = True,
     ) -> None:
         if input_shape is not None and tuple(int(d) for d in input_shape) != self.SHAPE:
             raise ValueError(
@@ -206,35 +208,6 @@ class _MNISTFamily(_DownloadableDataModule):
         "t10k-labels-idx1-ubyte",
     )
 
-    # One signature (with its defaults) for the whole family, so Hydra binds configs against it.
-    def __init__(
-        self,
-        root: str | Path = "data",
-        download: bool = True,
-        batch_size: int = 128,
-        val_fraction: float = 0.1,
-        split_seed: int = 0,
-        seed: int = 0,
-        num_workers: int = 0,
-        num_classes: int | None = None,
-        input_shape: Sequence[int] | None = (1, 28, 28),
-        classes: Sequence[int] | None = None,
-        normalize: bool = True,
-    ) -> None:
-        super().__init__(
-            root,
-            download,
-            batch_size,
-            val_fraction,
-            split_seed,
-            seed,
-            num_workers,
-            num_classes,
-            input_shape,
-            classes,
-            normalize,
-        )
-
     def _torchvision_class(self) -> type:
         datasets = torchvision_module(f"The {self.NAME} data module").datasets
         return getattr(datasets, self.NAME)
@@ -268,7 +241,8 @@ class MNISTDataModule(_MNISTFamily):
         num_workers: ``DataLoader`` worker processes.
         num_classes: class count; must equal ``len(classes)`` when ``classes`` is given (None:
             taken from ``classes``, else 10).
-        input_shape: must be ``(1, 28, 28)``; stated so that model configs can interpolate it.
+        input_shape: ``(1, 28, 28)`` or None (the same); the configs state it so that model
+            configs can interpolate it.
         classes: keep only these labels, renumbered ``0..len(classes)-1`` in the order given.
         normalize: standardise with the training set's mean and std; else scale to [0, 1].
 
@@ -322,34 +296,6 @@ class CIFAR10DataModule(_DownloadableDataModule):
     FOLDER = "cifar-10-batches-py"
     TRAIN_FILES = tuple(f"data_batch_{index}" for index in range(1, 6))
     TEST_FILES = ("test_batch",)
-
-    def __init__(
-        self,
-        root: str | Path = "data",
-        download: bool = True,
-        batch_size: int = 128,
-        val_fraction: float = 0.1,
-        split_seed: int = 0,
-        seed: int = 0,
-        num_workers: int = 0,
-        num_classes: int | None = None,
-        input_shape: Sequence[int] | None = (3, 32, 32),
-        classes: Sequence[int] | None = None,
-        normalize: bool = True,
-    ) -> None:
-        super().__init__(
-            root,
-            download,
-            batch_size,
-            val_fraction,
-            split_seed,
-            seed,
-            num_workers,
-            num_classes,
-            input_shape,
-            classes,
-            normalize,
-        )
 
     def _required_files(self) -> list[Path]:
         return [self.root / self.FOLDER / name for name in (*self.TRAIN_FILES, *self.TEST_FILES)]
