@@ -73,6 +73,7 @@ from lightning_sparse.recipe import (
     config_dir,
     instantiate_recipe,
     recipe_to_dict,
+    single_process,
 )
 from lightning_sparse.targets import ALL_PRUNABLE, resolve_params
 
@@ -409,8 +410,7 @@ def _named_steps(steps: Mapping[str, OneShotStep] | Sequence[OneShotStep]) -> di
 def _check_single_process(trainer_kwargs: Mapping[str, Any]) -> None:
     devices = trainer_kwargs.get("devices", 1)
     strategy = trainer_kwargs.get("strategy", "auto")
-    single = devices in (1, "1", "auto") or (isinstance(devices, list) and len(devices) == 1)
-    if not single or int(trainer_kwargs.get("num_nodes", 1)) != 1 or strategy not in ("auto", None):
+    if not single_process(trainer_kwargs) or strategy not in ("auto", None):
         raise ValueError(
             f"One-shot compression runs in one process, but the trainer asks for devices="
             f"{devices!r}, strategy={strategy!r}: set trainer.devices=1 and leave out the "

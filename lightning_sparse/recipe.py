@@ -52,6 +52,7 @@ __all__ = [
     "instantiate_recipe",
     "load",
     "recipe_to_dict",
+    "single_process",
 ]
 
 
@@ -151,6 +152,15 @@ def _max_epochs(trainer: Mapping[str, Any] | None) -> int | None:
     if max_epochs is None or int(max_epochs) < 0:
         return None
     return int(max_epochs)
+
+
+def single_process(trainer: Mapping[str, Any]) -> bool:
+    """Whether trainer settings ask for one process: one device (or ``auto``) on one node."""
+    devices = trainer.get("devices", 1)
+    one_device = devices in (1, "1", "auto") or (
+        isinstance(devices, (list, tuple)) and len(devices) == 1
+    )
+    return one_device and int(trainer.get("num_nodes", 1)) == 1
 
 
 def check_recipe(

@@ -70,6 +70,7 @@ from lightning_sparse.recipe import (
     config_dir,
     instantiate_recipe,
     recipe_to_dict,
+    single_process,
 )
 from lightning_sparse.resume import RESUME_FILE, resume_config
 
@@ -227,11 +228,8 @@ def check_baseline(cfg: DictConfig, trainer_kwargs: Mapping[str, Any]) -> str | 
         raise ConfigError(
             f"`baseline`={baseline!r} is not allowed; choose one of {BASELINES} or null."
         )
-    devices = trainer_kwargs.get("devices", 1)
-    several = (isinstance(devices, int) and devices > 1) or (
-        isinstance(devices, (list, tuple)) and len(devices) > 1
-    )
-    if baseline == "train" and (several or int(trainer_kwargs.get("num_nodes", 1)) > 1):
+    if baseline == "train" and not single_process(trainer_kwargs):
+        devices = trainer_kwargs.get("devices", 1)
         raise ConfigError(
             f"`baseline`=train trains the dense model in this job, on one process; with "
             f"trainer.devices={devices!r} and trainer.num_nodes="
