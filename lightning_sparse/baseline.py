@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -24,13 +23,13 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_sparse.callbacks.base import fractional_epoch
+from lightning_sparse.module import copy_without_trainer, drop_instance_forwards
 
 __all__ = [
     "BASELINES",
     "DenseSnapshot",
     "compression_start",
     "evaluate_accuracy",
-    "float_copy",
     "quiet_kwargs",
 ]
 
@@ -44,23 +43,6 @@ def compression_start(callbacks: Iterable[Callback]) -> float:
     """The earliest ``start_epoch`` of the techniques (0 for one that acts from the start)."""
     starts = [float(getattr(callback, "start_epoch", 0.0)) for callback in callbacks]
     return min(starts, default=0.0)
-
-
-def float_copy(pl_module: pl.LightningModule) -> pl.LightningModule:
-    """A deep copy of the module without its trainer and without quantization forwards.
-
-    QAT installs a fake-quantizing ``forward`` as an instance attribute of each quantized layer;
-    a copy would carry it along, so every layer gets its own back.
-    """
-    trainer = pl_module._trainer
-    pl_module._trainer = None
-    try:
-        clone = copy.deepcopy(pl_module)
-    finally:
-        pl_module._trainer = trainer
-    for module in clone.modules():
-        vars(module).pop("forward", None)
-    return clone
 
 
 class DenseSnapshot(Callback):
@@ -95,7 +77,7 @@ class DenseSnapshot(Callback):
         """A float copy of ``pl_module`` holding the snapshot's weights; None before it is taken."""
         if self.weights is None:
             return None
-        clone = float_copy(pl_module)
+        clone = drop_instance_forwards(copy_without_trainer(pl_module))
         clone.load_state_dict(self.weights, strict=True)
         return clone
 

@@ -12,11 +12,12 @@ count, in which case it is swapped for the model's freshly initialised one.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 import torch
@@ -33,6 +34,8 @@ __all__ = [
     "ClassificationModule",
     "CompressionModule",
     "checkpoint_path",
+    "copy_without_trainer",
+    "drop_instance_forwards",
     "find_head",
     "load_weights",
     "read_state_dict",
@@ -316,6 +319,30 @@ def _cosine(step: int, total: int, floor: float) -> float:
     """``LambdaLR`` factor: half a cosine from 1 at step 0 to ``floor`` at step ``total``."""
     progress = min(step, total) / total
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+_M = TypeVar("_M", bound=nn.Module)
+
+
+def copy_without_trainer(pl_module: pl.LightningModule) -> pl.LightningModule:
+    """A deep copy of the module; its trainer is neither copied nor shared."""
+    trainer = pl_module._trainer
+    pl_module._trainer = None
+    try:
+        return copy.deepcopy(pl_module)
+    finally:
+        pl_module._trainer = trainer
+
+
+def drop_instance_forwards(model: _M) -> _M:
+    """Give every layer its class's ``forward`` back; returns ``model``.
+
+    QAT installs a fake-quantizing ``forward`` as an instance attribute of each quantized layer,
+    which a copy of the model carries along; a float copy (a teacher, a dense snapshot) drops it.
+    """
+    for module in model.modules():
+        vars(module).pop("forward", None)
+    return model
 
 
 def find_head(model: nn.Module, head: str | None = None) -> tuple[str, nn.Linear] | None:

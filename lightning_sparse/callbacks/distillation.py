@@ -38,7 +38,13 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_sparse.callbacks.base import CompressionCallback, fractional_epoch
-from lightning_sparse.module import CompressionModule, checkpoint_path, read_state_dict
+from lightning_sparse.module import (
+    CompressionModule,
+    checkpoint_path,
+    copy_without_trainer,
+    drop_instance_forwards,
+    read_state_dict,
+)
 
 __all__ = ["SELF_TEACHER", "KnowledgeDistillation", "distillation_loss", "feature_loss"]
 
@@ -252,23 +258,10 @@ def _inputs(batch: Any) -> Any:
 
 def _freeze(model: nn.Module) -> nn.Module:
     """Eval mode, no gradients, and no quantization forwards copied from the student."""
-    for module in model.modules():
-        # QAT installs a fake-quantizing `forward` as an instance attribute; a copy of the student
-        # would carry it along. The teacher is the float model, so give every layer its own back.
-        vars(module).pop("forward", None)
+    drop_instance_forwards(model)  # the teacher is the float model
     model.eval()
     model.requires_grad_(False)
     return model
-
-
-def _copy_of(pl_module: pl.LightningModule) -> nn.Module:
-    """A deep copy of the module without its trainer (which must neither be copied nor shared)."""
-    trainer = pl_module._trainer
-    pl_module._trainer = None
-    try:
-        return copy.deepcopy(pl_module)
-    finally:
-        pl_module._trainer = trainer
 
 
 class KnowledgeDistillation(CompressionCallback):
@@ -531,7 +524,7 @@ class KnowledgeDistillation(CompressionCallback):
                 )
             model = built
         else:
-            model = _copy_of(pl_module)
+            model = copy_without_trainer(pl_module)
         if self.teacher_source is not None:
             state = read_state_dict(self.teacher_source, field=self._teacher_field)
             self._load_teacher_weights(model, state)
@@ -558,7 +551,7 @@ class KnowledgeDistillation(CompressionCallback):
                 ) from first
 
     def _take_self_teacher(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._set_teacher(_copy_of(pl_module), pl_module)
+        self._set_teacher(copy_without_trainer(pl_module), pl_module)
         rank_zero_info(
             f"{self.log_name}: teacher = frozen copy of the model at epoch "
             f"{fractional_epoch(trainer):.3f}."
@@ -566,7 +559,7 @@ class KnowledgeDistillation(CompressionCallback):
 
     def _restore_self_teacher(self, pl_module: pl.LightningModule) -> None:
         assert self._pending_teacher is not None
-        model = _copy_of(pl_module)
+        model = copy_without_trainer(pl_module)
         self._student_tap.drop_from(model)
         # Strict: the copy's QAT forwards are dropped by _set_teacher, its state is the float one.
         model.load_state_dict(self._pending_teacher, strict=True)
