@@ -258,8 +258,8 @@ def _metric(metrics: Mapping[str, Any], key: str) -> float | None:
     return None if value is None else float(value)
 
 
-def _resolved_config(cfg: DictConfig, resolve: bool = True) -> dict[str, Any]:
-    """The job's config as plain data, without Hydra's own node (present when composed by hand)."""
+def _job_config(cfg: DictConfig, resolve: bool = True) -> dict[str, Any]:
+    """The job's config as plain data (interpolations resolved or kept), without Hydra's node."""
     keys = [str(key) for key in cfg if key != "hydra"]
     data = OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=resolve)
     assert isinstance(data, dict)
@@ -317,7 +317,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         *recipe_callbacks.values(),
         history,  # after the techniques, so it measures what they applied
         # The recipe, and the whole config that `resume=` continues with, in every checkpoint.
-        RecipeRecord(recipe_name, recipe, config=_resolved_config(cfg, resolve=False)),
+        RecipeRecord(recipe_name, recipe, config=_job_config(cfg, resolve=False)),
         checkpoint,
         *([LearningRateMonitor(logging_interval="epoch")] if loggers else []),
         *_progress_bar(trainer_kwargs),
@@ -391,10 +391,10 @@ def _fit_test_report(
         report.write_json(environment, run_dir / report.ENVIRONMENT_FILE)
         wrote += [RECIPE_FILE, report.ENVIRONMENT_FILE]
         if cfg.get("resume"):
-            resumed = {"checkpoint": cfg.ckpt_path, "config": _resolved_config(cfg, resolve=False)}
+            resumed = {"checkpoint": cfg.ckpt_path, "config": _job_config(cfg, resolve=False)}
             OmegaConf.save(OmegaConf.create(resumed), run_dir / RESUME_FILE)
             wrote.append(RESUME_FILE)
-        config = _resolved_config(cfg)
+        config = _job_config(cfg)
         for logger in loggers:  # the whole resolved config, recipe included, to every logger
             logger.log_hyperparams(config)
 
