@@ -10,8 +10,10 @@ from lightning_sparse import recipe
 from lightning_sparse.callbacks import (
     CompressionCallback,
     ConstantPruning,
+    GradualPruning,
     KnowledgeDistillation,
     MagnitudePruning,
+    MaskPruning,
     QuantizationAwareTraining,
 )
 from lightning_sparse.module import ClassificationModule, CompressionModule
@@ -21,8 +23,10 @@ __all__ = [
     "CompressionCallback",
     "CompressionModule",
     "ConstantPruning",
+    "GradualPruning",
     "KnowledgeDistillation",
     "MagnitudePruning",
+    "MaskPruning",
     "QuantizationAwareTraining",
     "recipe",
 ]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import functools
 import math
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,6 +25,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
+
+from lightning_sparse.core.changes import LOSS
+from lightning_sparse.core.checkpoint import CHECKPOINT_IN_RUN_DIR, checkpoint_path, read_state_dict
 
 __all__ = [
     "CHECKPOINT_IN_RUN_DIR",
@@ -43,8 +45,6 @@ __all__ = [
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
-# Where `python -m lightning_sparse.train` (and `.oneshot`) leave the final checkpoint of a run.
-CHECKPOINT_IN_RUN_DIR = Path("checkpoints") / "last.ckpt"
 
 
 class CompressionModule:
@@ -94,8 +94,17 @@ class CompressionModule:
         trainer = getattr(self, "_trainer", None)
         if trainer is None:
             return []
-        terms = (getattr(callback, "loss_term", None) for callback in trainer.callbacks)
-        return [term for term in terms if callable(term)]
+        terms = []
+        for callback in trainer.callbacks:
+            declared = getattr(callback, "changes", None)
+            # A technique says whether it adds loss; a plain callback of the user's is taken at
+            # its word when it has a `loss_term`.
+            if declared is not None and LOSS not in declared:
+                continue
+            term = getattr(callback, "loss_term", None)
+            if callable(term):
+                terms.append(term)
+        return terms
 
 
 class ClassificationModule(CompressionModule, pl.LightningModule):
@@ -364,56 +373,6 @@ def find_head(model: nn.Module, head: str | None = None) -> tuple[str, nn.Linear
         f"`head`={head!r} is not an nn.Linear of the backbone; its Linear layers: "
         f"{[name for name, _ in linears] or 'none'}."
     )
-
-
-def checkpoint_path(path: str | Path, field: str = "init_from") -> Path:
-    """The checkpoint file ``path`` names: itself, or a run dir's ``checkpoints/last.ckpt``.
-
-    Raises:
-        FileNotFoundError: nothing at ``path``, or a directory without ``checkpoints/last.ckpt``;
-            the message names ``field``.
-    """
-    given = Path(path).expanduser()
-    if given.is_dir():
-        candidate = given / CHECKPOINT_IN_RUN_DIR
-        if candidate.is_file():
-            return candidate
-        raise FileNotFoundError(
-            f"`{field}`={str(path)!r} is a directory without {CHECKPOINT_IN_RUN_DIR}: give a run "
-            "dir of `python -m lightning_sparse.train` (or `.oneshot`) or a checkpoint file."
-        )
-    if not given.is_file():
-        raise FileNotFoundError(
-            f"`{field}`={str(path)!r} does not exist; give a run dir or a checkpoint file."
-        )
-    return given
-
-
-def read_state_dict(path: str | Path, field: str = "init_from") -> dict[str, torch.Tensor]:
-    """The weights in a run dir, a Lightning checkpoint or a plain ``state_dict`` file.
-
-    Read with ``torch.load(weights_only=True)`` onto the CPU: a checkpoint cannot run code.
-
-    Raises:
-        FileNotFoundError: see :func:`checkpoint_path`.
-        ValueError: the file is not a checkpoint (not loadable, or no tensors in it).
-    """
-    file = checkpoint_path(path, field)
-    try:
-        loaded = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(
-            f"`{field}`={str(path)!r}: {file} is not a loadable checkpoint ({err})."
-        ) from err
-    state = loaded.get("state_dict", loaded) if isinstance(loaded, Mapping) else None
-    if not isinstance(state, Mapping) or not any(
-        isinstance(v, torch.Tensor) for v in state.values()
-    ):
-        raise ValueError(
-            f"`{field}`={str(path)!r}: {file} holds no weights (expected a Lightning checkpoint "
-            "with a `state_dict`, or a state_dict of tensors)."
-        )
-    return {str(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
 def _shape(tensor: torch.Tensor) -> list[int]:

@@ -50,11 +50,11 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_sparse import MagnitudePruning
+from lightning_sparse.core.schedule import SparsitySchedule
+from lightning_sparse.core.targets import prunable_parameters
 from lightning_sparse.data import DigitsDataModule, SyntheticDataModule
 from lightning_sparse.models import MLP, SmallCNN
 from lightning_sparse.module import ClassificationModule
-from lightning_sparse.schedule import SparsitySchedule
-from lightning_sparse.targets import prunable_parameters
 
 SECTIONS = ("accuracy", "step_cost")
 SCOPES = ("global", "layer")

@@ -43,14 +43,14 @@ import lightning
 import lightning.pytorch as pl
 import torch
 
-from lightning_sparse import quant_backend
 from lightning_sparse.callbacks import MagnitudePruning, QuantizationAwareTraining
-from lightning_sparse.callbacks.quantization import ptq
 from lightning_sparse.data import DigitsDataModule, SyntheticDataModule
-from lightning_sparse.export import export_model
+from lightning_sparse.deploy import ort as quant_backend
+from lightning_sparse.deploy.export import export_model
 from lightning_sparse.models import MLP, SmallCNN
 from lightning_sparse.module import ClassificationModule
-from lightning_sparse.recipe import load
+from lightning_sparse.posttrain.ptq import ptq
+from lightning_sparse.run.recipe import load
 
 BEGIN, END = "<!-- quant:start -->", "<!-- quant:end -->"
 DEFAULT_OUTPUT = Path("docs/benchmarks.md")

@@ -43,11 +43,11 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_sparse.callbacks import ConstantPruning, MagnitudePruning
+from lightning_sparse.core.targets import prunable_parameters
 from lightning_sparse.data import DigitsDataModule
 from lightning_sparse.models import SmallCNN
 from lightning_sparse.module import ClassificationModule
-from lightning_sparse.oneshot import OneShotPruning, oneshot
-from lightning_sparse.targets import prunable_parameters
+from lightning_sparse.posttrain.oneshot import OneShotPruning, oneshot
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 START, END = "<!-- stages:start -->", "<!-- stages:end -->"

@@ -17,7 +17,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_sparse.recipe import (
+from lightning_sparse.run.recipe import (
     RecipeError,
     check_against_model,
     check_target,

@@ -1,14 +1,22 @@
-"""Compression techniques as Lightning callbacks."""
+"""Compression techniques as Lightning callbacks, and the interface they declare."""
 
-from lightning_sparse.callbacks.base import CompressionCallback
+from lightning_sparse.callbacks.base import CompressionCallback, ScheduleLimit
 from lightning_sparse.callbacks.distillation import KnowledgeDistillation
-from lightning_sparse.callbacks.pruning import ConstantPruning, MagnitudePruning
+from lightning_sparse.callbacks.pruning import (
+    ConstantPruning,
+    GradualPruning,
+    MagnitudePruning,
+    MaskPruning,
+)
 from lightning_sparse.callbacks.quantization import QuantizationAwareTraining
 
 __all__ = [
     "CompressionCallback",
     "ConstantPruning",
+    "GradualPruning",
     "KnowledgeDistillation",
     "MagnitudePruning",
+    "MaskPruning",
     "QuantizationAwareTraining",
+    "ScheduleLimit",
 ]

@@ -1,4 +1,25 @@
-"""The base every compression technique builds on: the clock, strategy checks and mask plumbing.
+"""The technique interface every compression callback declares, and the clock they share.
+
+A technique is a :class:`CompressionCallback`. Code outside a technique's own module (recipe
+checks, reports, plots, the dense snapshot, one-shot, export) reads only what this base declares,
+never the concrete class:
+
+- **the epoch window**: ``start_epoch``, ``end_epoch`` (None: to the end of training),
+  :meth:`~CompressionCallback.active_at`, and :attr:`~CompressionCallback.in_force_until` (how long
+  its effect holds, e.g. masks kept after the schedule ends);
+- **what it changes**: :attr:`~CompressionCallback.changes`, a subset of :data:`MASKS`,
+  :data:`QUANTIZATION`, :data:`STRUCTURE`, :data:`LOSS`; and until when it changes the weights
+  (:attr:`~CompressionCallback.changes_weights_until`) or needs them settled
+  (:attr:`~CompressionCallback.needs_settled_weights_from`);
+- **the targets**: :meth:`~CompressionCallback.resolve_targets` on a model (before training) and
+  :attr:`~CompressionCallback.target_names` (once set up), :attr:`~CompressionCallback.masks`;
+- **the fits-in-training check**: :meth:`~CompressionCallback.schedule_limits`, checked once by
+  :meth:`~CompressionCallback.check_schedule` (by the recipe before anything is built, and in
+  ``setup`` for plain-Python users);
+- **its model check**: :meth:`~CompressionCallback.check_model`, before any training;
+- **a loss term**: :meth:`~CompressionCallback.loss_term` for techniques that change the loss
+  (called by :class:`~lightning_sparse.module.CompressionModule`);
+- **a target curve** for plots: :meth:`~CompressionCallback.target_curve`.
 
 The clock is Lightning's own: a fractional epoch is optimizer steps taken divided by optimizer steps
 per epoch, both read from the trainer, so gradient accumulation, ``limit_train_batches`` and
@@ -8,22 +29,42 @@ per epoch, both read from the trainer, so gradient accumulation, ``limit_train_b
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar, NamedTuple
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+from torch import nn
 from typing_extensions import override
 
+from lightning_sparse.core.changes import CHANGES, LOSS, MASKS, QUANTIZATION, STRUCTURE
+
 __all__ = [
+    "CHANGES",
+    "LOSS",
+    "MASKS",
+    "QUANTIZATION",
+    "STRUCTURE",
     "CompressionCallback",
+    "ScheduleLimit",
+    "StateVersionError",
     "broadcast_masks",
+    "check_state_version",
     "check_strategy",
+    "check_timing",
+    "compression_callbacks",
     "fractional_epoch",
+    "is_number",
     "steps_per_epoch",
+    "to_plain",
 ]
+
+
+class StateVersionError(ValueError):
+    """A checkpoint holds a technique state written by a newer version of the technique."""
 
 
 def steps_per_epoch(trainer: pl.Trainer) -> int:
@@ -63,18 +104,87 @@ def check_strategy(trainer: pl.Trainer, technique: str) -> None:
         )
 
 
+def is_number(value: Any) -> bool:
+    """A real number from a config: int or float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_state_version(state: Mapping[str, Any], supported: int, owner: str) -> None:
+    """Refuse a checkpoint state written by a newer version of a technique than this one.
+
+    Raises:
+        StateVersionError: ``state['version']`` is greater than ``supported``; names ``owner``.
+    """
+    version = state.get("version", 1)
+    if not isinstance(version, int) or version > supported:
+        raise StateVersionError(
+            f"{owner}: the checkpoint's state has version {version!r}, newer than this "
+            f"lightning_sparse reads (up to {supported}); upgrade lightning_sparse to resume it."
+        )
+
+
+class ScheduleLimit(NamedTuple):
+    """An epoch of a technique's schedule that must fall within training.
+
+    Attributes:
+        field: the argument that sets it (``end_epoch``), named in the error.
+        epoch: its value.
+        strict: it must come before ``max_epochs`` (something starts there); else at or before
+            it (something ends there).
+        what: what would not happen, for the message (``distillation would never start``).
+    """
+
+    field: str
+    epoch: float
+    strict: bool
+    what: str
+
+
+def _smoke_run(trainer: pl.Trainer) -> bool:
+    # `fast_dev_run` is set on the trainer at runtime but missing from its type annotations.
+    return bool(vars(trainer).get("fast_dev_run"))
+
+
 class CompressionCallback(Callback):
-    """Common ground of the techniques: a state key per instance, the clock and the strategy check.
+    """The base of every technique: its epoch window, targets, what it changes, its checks.
+
+    Subclasses declare :attr:`changes` and set ``start_epoch``/``end_epoch`` (through
+    :meth:`_set_window`, which validates them); they override what applies to them. Everything
+    here is read by the recipe checks, the report, the plots and the dense snapshot, so a new
+    technique takes part in all of them by declaring, not by being named anywhere else.
+
+    When it acts: ``setup(stage="fit")`` refuses sharding strategies and checks the schedule
+    against the trainer (once); the rest is the technique's own.
 
     Args:
         name: tells two instances of one technique apart in checkpoints and logs; defaults to the
             class name.
+
+    Raises:
+        ValueError: ``name`` is not a non-empty string.
     """
+
+    #: What the technique changes: a subset of :data:`CHANGES`.
+    changes: ClassVar[frozenset[str]] = frozenset()
+    #: The version of :meth:`state_dict`'s layout; a newer one in a checkpoint is refused.
+    state_version: ClassVar[int] = 1
 
     def __init__(self, name: str | None = None) -> None:
         if name is not None and (not isinstance(name, str) or not name.strip()):
             raise ValueError(f"`name`={name!r} must be a non-empty string or None.")
+        unknown = set(self.changes) - CHANGES
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__}.changes declares {sorted(unknown)}; allowed: "
+                f"{sorted(CHANGES)}."
+            )
         self.name = name
+        self.start_epoch = 0.0
+        self.end_epoch: float | None = None
+        self._checked_schedule: tuple[int | None, int | None] | None = None
+
+    # ----------------------------------------------------------------------------------------
+    # Identity
 
     @property
     @override
@@ -88,10 +198,219 @@ class CompressionCallback(Callback):
         """Prefix under ``compression/`` for this instance's logged metrics."""
         return self.name or type(self).__name__
 
+    def __repr__(self) -> str:
+        settings = ", ".join(f"{k}={v!r}" for k, v in self.settings().items())
+        return f"{type(self).__name__}({settings})"
+
+    def settings(self) -> dict[str, Any]:
+        """The public configuration (constructor arguments as stored), for reprs and reports."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+    # ----------------------------------------------------------------------------------------
+    # The epoch window
+
+    def _set_window(
+        self, start_epoch: Any, end_epoch: Any, *, end_after_start: bool = False
+    ) -> None:
+        """Validate and keep the window; ``end_epoch`` None means to the end of training.
+
+        Raises:
+            ValueError: an epoch is not a number >= 0, or ``end_epoch`` is before ``start_epoch``
+                (or not after it, with ``end_after_start``).
+        """
+        if not is_number(start_epoch) or start_epoch < 0:
+            raise ValueError(
+                f"`start_epoch`={start_epoch!r} is not allowed; it must be a number >= 0."
+            )
+        if end_epoch is not None:
+            if end_after_start and (not is_number(end_epoch) or end_epoch <= start_epoch):
+                raise ValueError(
+                    f"`end_epoch`={end_epoch!r} is not allowed; it must be null or a number > "
+                    f"`start_epoch`={start_epoch:g}."
+                )
+            if not is_number(end_epoch) or end_epoch < 0:
+                raise ValueError(
+                    f"`end_epoch`={end_epoch!r} is not allowed; it must be a number >= 0."
+                )
+            if end_epoch < start_epoch:
+                raise ValueError(
+                    f"`end_epoch`={end_epoch} is before `start_epoch`={start_epoch}; "
+                    "end_epoch must be >= start_epoch."
+                )
+        self.start_epoch = float(start_epoch)
+        self.end_epoch = None if end_epoch is None else float(end_epoch)
+
+    def active_at(self, epoch: float) -> bool:
+        """Whether the technique acts at fractional ``epoch``: in ``[start_epoch, end_epoch)``."""
+        return epoch >= self.start_epoch and (self.end_epoch is None or epoch < self.end_epoch)
+
+    @property
+    def in_force_until(self) -> float:
+        """The epoch until which its effect holds (``inf``: to the end of training)."""
+        return math.inf if self.end_epoch is None else self.end_epoch
+
+    @property
+    def changes_weights_until(self) -> tuple[str, float] | None:
+        """(field, epoch) until which it changes the weights' values or layout; None: never."""
+        return None
+
+    @property
+    def needs_settled_weights_from(self) -> tuple[str, float] | None:
+        """(field, epoch) from which it assumes the weights no longer change; None: never."""
+        return None
+
+    def schedule_limits(self) -> list[ScheduleLimit]:
+        """The epochs that must fall within training (checked by :meth:`check_schedule`)."""
+        if self.end_epoch is not None:
+            return [
+                ScheduleLimit("end_epoch", self.end_epoch, False, "the schedule must end within")
+            ]
+        return [ScheduleLimit("start_epoch", self.start_epoch, True, "it would never start")]
+
+    def check_schedule(
+        self,
+        max_epochs: int | None,
+        max_steps: int | None = None,
+        steps_per_epoch: int | None = None,
+    ) -> None:
+        """Refuse a schedule that training would not reach; once per set of limits.
+
+        Args:
+            max_epochs: the trainer's ``max_epochs`` (None or negative: unbounded).
+            max_steps: the trainer's ``max_steps`` (None or negative: unbounded).
+            steps_per_epoch: optimizer steps per epoch, needed with ``max_steps``.
+
+        Raises:
+            ValueError: a limit lies past ``max_epochs`` (or ``max_steps``); names the field.
+        """
+        key = (max_epochs, max_steps if steps_per_epoch else None)
+        if self._checked_schedule == key:
+            return
+        for limit in self.schedule_limits():
+            if max_epochs is not None and max_epochs >= 0:
+                late = limit.epoch >= max_epochs if limit.strict else limit.epoch > max_epochs
+                if late and limit.strict:
+                    raise ValueError(
+                        f"`{limit.field}`={limit.epoch:g} is not before the trainer's max_epochs="
+                        f"{max_epochs}: {limit.what}."
+                    )
+                if late:
+                    raise ValueError(
+                        f"`{limit.field}`={limit.epoch:g} is past the trainer's max_epochs="
+                        f"{max_epochs}; {limit.what} training ({limit.field} <= {max_epochs})."
+                    )
+            if max_steps is not None and max_steps >= 0 and steps_per_epoch:
+                steps = limit.epoch * steps_per_epoch
+                if steps > max_steps + 1e-9:
+                    raise ValueError(
+                        f"`{limit.field}`={limit.epoch:g} is {steps:.0f} optimizer steps, past the "
+                        f"trainer's max_steps={max_steps} ({steps_per_epoch} steps per epoch)."
+                    )
+        self._checked_schedule = key
+
+    # ----------------------------------------------------------------------------------------
+    # Targets and the model
+
+    def resolve_targets(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """The parameters of ``model`` it acts on, by name (empty for loss-only techniques).
+
+        Raises:
+            ValueError: its selection matches nothing in ``model``; names the field.
+        """
+        return {}
+
+    @property
+    def target_names(self) -> list[str]:
+        """Names of the parameters it acts on, once set up for fit (empty before)."""
+        return []
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Keep-masks in force by parameter name (``True`` = kept); empty if it holds none."""
+        return {}
+
+    def check_model(self, model: nn.Module) -> None:
+        """Check the technique against the model it will act on, before training.
+
+        Raises:
+            ValueError: something it names does not exist or does not fit; names the field.
+        """
+        self.resolve_targets(model)
+
+    def target_curve(self, epochs: list[float]) -> dict[str, list[float]] | None:
+        """Its scheduled target at ``epochs`` by label (e.g. ``{"target sparsity": [...]}``)."""
+        return None
+
+    # ----------------------------------------------------------------------------------------
+    # Loss terms
+
+    def loss_term(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, outputs: Any
+    ) -> torch.Tensor:
+        """The term it adds to the training loss now (techniques that declare :data:`LOSS`)."""
+        raise NotImplementedError(f"{type(self).__name__} declares no loss term.")
+
+    # ----------------------------------------------------------------------------------------
+    # Lightning hooks
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             check_strategy(trainer, type(self).__name__)
+            # fast_dev_run is a smoke test of a few batches: the schedule cannot fit and need not.
+            if not _smoke_run(trainer):
+                self.check_schedule(trainer.max_epochs)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.max_steps >= 0 and not _smoke_run(trainer):
+            self.check_schedule(
+                None if _smoke_run(trainer) else trainer.max_epochs,
+                trainer.max_steps,
+                steps_per_epoch(trainer),
+            )
+
+    def _check_loaded_version(self, state_dict: Mapping[str, Any]) -> None:
+        check_state_version(state_dict, self.state_version, self.state_key)
+
+
+def check_timing(techniques: Mapping[str, CompressionCallback]) -> None:
+    """Refuse a technique that needs settled weights while another still changes them.
+
+    E.g. quantization scales frozen (``disable_quantization_observer_epoch``) while pruning still
+    changes the weights (up to its ``end_epoch``): the frozen scales would not fit the final
+    weights. Recipe validation calls this with ``{"recipe.<entry>": technique}``; techniques call
+    it in ``setup`` with the trainer's callbacks, so plain-Python users get the same error.
+
+    Raises:
+        ValueError: names both techniques, both fields and the fix.
+    """
+    for settled_label, settled in techniques.items():
+        needs = settled.needs_settled_weights_from
+        if needs is None:
+            continue
+        needs_field, needs_epoch = needs
+        for changing_label, changing in techniques.items():
+            changes = changing.changes_weights_until
+            if changing is settled or changes is None:
+                continue
+            change_field, change_epoch = changes
+            if settled.start_epoch < change_epoch and needs_epoch < change_epoch:
+                raise ValueError(
+                    f"{settled_label}.{needs_field}={needs_epoch:g} comes before "
+                    f"{changing_label}.{change_field}={change_epoch:g}, while {changing_label} "
+                    f"still changes the weights ({settled_label} starts at "
+                    f"{settled_label}.start_epoch={settled.start_epoch:g}); what it fixes then "
+                    f"would not fit the final weights. Set {settled_label}.{needs_field} >= "
+                    f"{change_epoch:g}, or start {settled_label} when {changing_label} ends "
+                    f"({settled_label}.start_epoch >= {change_epoch:g})."
+                )
+
+
+def compression_callbacks(callbacks: Any) -> list[CompressionCallback]:
+    """The techniques among ``callbacks`` (a list, or a mapping's values), in order."""
+    values = callbacks.values() if isinstance(callbacks, Mapping) else callbacks
+    return [cb for cb in values if isinstance(cb, CompressionCallback)]
 
 
 def broadcast_masks(trainer: pl.Trainer, tensors: list[torch.Tensor]) -> None:

@@ -32,24 +32,23 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from lightning_sparse.callbacks.base import CompressionCallback, fractional_epoch
-from lightning_sparse.module import (
-    CompressionModule,
-    checkpoint_path,
-    copy_without_trainer,
-    drop_instance_forwards,
-    read_state_dict,
+from lightning_sparse.callbacks.base import (
+    LOSS,
+    CompressionCallback,
+    ScheduleLimit,
+    fractional_epoch,
 )
+from lightning_sparse.core.checkpoint import checkpoint_path, read_state_dict
+from lightning_sparse.core.nodes import build_node
+from lightning_sparse.module import CompressionModule, copy_without_trainer, drop_instance_forwards
 
 __all__ = ["SELF_TEACHER", "KnowledgeDistillation", "distillation_loss", "feature_loss"]
 
 SELF_TEACHER = "self"
-_STATE_VERSION = 1
 # Keeps the relative feature error finite when a teacher layer outputs all zeros.
 _FEATURE_EPS = 1e-8
 # Projections start from this seed on every rank, so DDP ranks hold the same ones without a
@@ -337,6 +336,8 @@ class KnowledgeDistillation(CompressionCallback):
         )
     """
 
+    changes = frozenset({LOSS})
+
     def __init__(
         self,
         teacher: str | Path | None = SELF_TEACHER,
@@ -408,21 +409,11 @@ class KnowledgeDistillation(CompressionCallback):
             raise ValueError(
                 f"`temperature`={temperature!r} is not allowed; it must be a number > 0."
             )
-        if not _is_number(start_epoch) or start_epoch < 0:
-            raise ValueError(
-                f"`start_epoch`={start_epoch!r} is not allowed; it must be a number >= 0."
-            )
-        if end_epoch is not None and (not _is_number(end_epoch) or end_epoch <= start_epoch):
-            raise ValueError(
-                f"`end_epoch`={end_epoch!r} is not allowed; it must be null or a number > "
-                f"`start_epoch`={start_epoch:g}."
-            )
+        self._set_window(start_epoch, end_epoch, end_after_start=True)
         self.teacher_source = None if teacher is None else str(teacher)
         self.teacher_model = teacher_model
         self.hardness = float(hardness)
         self.temperature = float(temperature)
-        self.start_epoch = float(start_epoch)
-        self.end_epoch = None if end_epoch is None else float(end_epoch)
         self.features = chosen_features
         self.feature_hardness = float(feature_hardness)
         self.projection_lr = float(projection_lr)
@@ -442,6 +433,13 @@ class KnowledgeDistillation(CompressionCallback):
         """The learned projections by student layer (only layers whose widths differ)."""
         return {k: v for k, v in (self._projections or {}).items() if v is not None}
 
+    @override
+    def schedule_limits(self) -> list[ScheduleLimit]:
+        return [
+            ScheduleLimit("start_epoch", self.start_epoch, True, "distillation would never start")
+        ]
+
+    @override
     def check_model(self, pl_module: nn.Module) -> None:
         """Check that the ``features`` layers exist, before any training.
 
@@ -466,10 +464,6 @@ class KnowledgeDistillation(CompressionCallback):
         """Whether the teacher exists (for ``teacher='self'``: whether the copy has been taken)."""
         return self._teacher is not None
 
-    def active_at(self, epoch: float) -> bool:
-        """Whether the term is added at fractional ``epoch``; a pure function of it."""
-        return epoch >= self.start_epoch and (self.end_epoch is None or epoch < self.end_epoch)
-
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -481,12 +475,6 @@ class KnowledgeDistillation(CompressionCallback):
                 "mix in lightning_sparse.module.CompressionModule, so the term would be silently "
                 "dropped. Declare `class M(CompressionModule, LightningModule)` and return "
                 "`loss + self.compression_loss(batch, outputs)` from training_step."
-            )
-        max_epochs = None if vars(trainer).get("fast_dev_run") else trainer.max_epochs
-        if max_epochs is not None and max_epochs >= 0 and self.start_epoch >= max_epochs:
-            raise ValueError(
-                f"`start_epoch`={self.start_epoch:g} is not before the trainer's max_epochs="
-                f"{max_epochs}: distillation would never start."
             )
         self.check_model(pl_module)
         if self._teacher is None and self.teacher_source != SELF_TEACHER:
@@ -517,7 +505,7 @@ class KnowledgeDistillation(CompressionCallback):
         if isinstance(self.teacher_model, nn.Module):
             model = copy.deepcopy(self.teacher_model)
         elif self.teacher_model is not None:
-            built = instantiate(dict(self.teacher_model), _convert_="all")
+            built = build_node(self.teacher_model, field="teacher_model")
             if not isinstance(built, nn.Module):
                 raise ValueError(
                     f"`teacher_model` built a {type(built).__name__}, not an nn.Module."
@@ -577,6 +565,7 @@ class KnowledgeDistillation(CompressionCallback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         self._maybe_take_teacher(trainer, pl_module)
 
     @override
@@ -680,6 +669,7 @@ class KnowledgeDistillation(CompressionCallback):
             terms.append(feature_loss(output, teacher[name]))
         return self.feature_hardness * torch.stack(terms).mean().to(student_device)
 
+    @override
     def loss_term(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, outputs: Any
     ) -> torch.Tensor:
@@ -741,7 +731,7 @@ class KnowledgeDistillation(CompressionCallback):
         # The self-teacher is state; an external one is rebuilt from config at setup. Projections
         # and their optimizer are state either way.
         state: dict[str, Any] = {
-            "version": _STATE_VERSION,
+            "version": self.state_version,
             "teacher": None,
             "projections": self._projection_state(),
         }
@@ -767,6 +757,7 @@ class KnowledgeDistillation(CompressionCallback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._check_loaded_version(state_dict)
         projections = state_dict.get("projections")
         if projections is not None:
             # Built at the next step with features, when the layers' shapes are known.

@@ -9,6 +9,7 @@ momentum or weight decay cannot regrow them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,28 +20,47 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_sparse.callbacks.base import (
+    MASKS,
     CompressionCallback,
+    ScheduleLimit,
     broadcast_masks,
     fractional_epoch,
-    steps_per_epoch,
     to_plain,
 )
-from lightning_sparse.masks import check_compatible, compute_masks, mask_sparsity, parse_mask_type
-from lightning_sparse.schedule import INTERPOLATIONS, SparsitySchedule
-from lightning_sparse.targets import ALL_PRUNABLE, resolve_params
+from lightning_sparse.core.masks import (
+    check_compatible,
+    compute_masks,
+    mask_sparsity,
+    parse_mask_type,
+)
+from lightning_sparse.core.schedule import INTERPOLATIONS, SparsitySchedule
+from lightning_sparse.core.targets import ALL_PRUNABLE, resolve_params
 
-__all__ = ["ConstantPruning", "MagnitudePruning"]
-
-_STATE_VERSION = 1
-
-
-def _smoke_run(trainer: pl.Trainer) -> bool:
-    # `fast_dev_run` is set on the trainer at runtime but missing from its type annotations.
-    return bool(vars(trainer).get("fast_dev_run"))
+__all__ = ["ConstantPruning", "GradualPruning", "MagnitudePruning", "MaskPruning"]
 
 
-class _MaskEnforcer(CompressionCallback):
-    """Holds keep-masks for a set of parameters and enforces them around every optimizer step."""
+class MaskPruning(CompressionCallback):
+    """The base of mask pruning: keep-masks for a set of weights, enforced around every step.
+
+    Masks live here, never in the model (parameters keep their names, the forward pass costs
+    nothing extra). When it acts: ``setup(stage="fit")`` resolves ``params`` to the model's
+    weights; once masks are set (:meth:`set_masks`), the gradients of pruned weights are zeroed
+    before every optimizer step and the weights re-zeroed after it, so momentum or weight decay
+    cannot regrow them. :meth:`set_masks` makes the masks identical on every DDP rank (rank 0's
+    win). Masks are kept in the checkpoint state as bool tensors. Subclasses decide *when* masks
+    change and *which* weights they keep: :class:`GradualPruning` on a schedule,
+    :class:`ConstantPruning` from the zeros already there.
+
+    Args:
+        params: parameter names, ``re:`` regexes (``re.match`` from the start of the name) or
+            ``__ALL_PRUNABLE__`` (every Conv/Linear weight).
+        name: distinguishes two instances in checkpoints and logs.
+
+    Raises:
+        ValueError: ``params`` is empty or not names; at ``setup``, they match nothing.
+    """
+
+    changes = frozenset({MASKS})
 
     def __init__(self, params: str | Sequence[str], name: str | None) -> None:
         super().__init__(name=name)
@@ -63,25 +83,41 @@ class _MaskEnforcer(CompressionCallback):
         self._factors: dict[str, torch.Tensor] = {}
 
     @property
+    @override
     def target_names(self) -> list[str]:
         """Names (as in ``pl_module.named_parameters()``) of the weights this callback prunes."""
         return list(self._targets)
 
     @property
+    def targets(self) -> dict[str, nn.Parameter]:
+        """The weights this callback prunes, by name, once set up for fit."""
+        return dict(self._targets)
+
+    @property
+    @override
     def masks(self) -> dict[str, torch.Tensor]:
         """Current keep-masks (``True`` = kept), empty until the first mask is in force."""
         return dict(self._masks)
 
-    def _enforcing(self, trainer: pl.Trainer) -> bool:
+    @override
+    def resolve_targets(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        return resolve_params(model, self.params)
+
+    @override
+    def schedule_limits(self) -> list[ScheduleLimit]:
+        return []  # holding masks needs no particular length of training
+
+    def enforcing(self, trainer: pl.Trainer) -> bool:
+        """Whether the masks are enforced now (overridable: e.g. only within a window)."""
         return bool(self._masks)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
-            self._targets = resolve_params(pl_module, self.params)
+            self._targets = self.resolve_targets(pl_module)
 
-    def _set_masks(self, trainer: pl.Trainer, masks: dict[str, torch.Tensor]) -> None:
+    def set_masks(self, trainer: pl.Trainer, masks: dict[str, torch.Tensor]) -> None:
         """Make ``masks`` identical on every rank (rank 0 wins), keep them and zero the weights."""
         ordered = [masks[name].to(self._targets[name].device, torch.bool) for name in self._targets]
         broadcast_masks(trainer, ordered)
@@ -104,7 +140,7 @@ class _MaskEnforcer(CompressionCallback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if not self._enforcing(trainer):
+        if not self.enforcing(trainer):
             return
         for name, factor in self._factors.items():
             grad = self._targets[name].grad
@@ -120,7 +156,7 @@ class _MaskEnforcer(CompressionCallback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if self._enforcing(trainer):
+        if self.enforcing(trainer):
             self._zero_pruned_weights()
 
     def sparsity_per_layer(self) -> dict[str, float]:
@@ -162,8 +198,13 @@ class _MaskEnforcer(CompressionCallback):
         self._refresh_factors()
 
 
-class MagnitudePruning(_MaskEnforcer):
-    """Gradual magnitude pruning (GMP): raise sparsity along a schedule by removing small weights.
+class GradualPruning(MaskPruning):
+    """Gradual pruning: raise sparsity along a schedule, keeping the highest-scoring weights.
+
+    The public base for a pruning criterion: a subclass overrides :meth:`scores` (how weights are
+    ranked; e.g. movement pruning's ``|W * grad|`` accumulated between updates) and gets the
+    schedule, mask shapes (unstructured, N:M, blocks, channels), enforcement, resume and the DDP
+    broadcast from here. :meth:`should_update` says whether an update is due.
 
     When it acts: mask updates fall at ``start_epoch``, every ``update_frequency`` epochs after it,
     and at ``end_epoch``, on the fractional-epoch clock (optimizer steps / steps per epoch).
@@ -224,14 +265,9 @@ class MagnitudePruning(_MaskEnforcer):
                 f"`init_sparsity`={init_sparsity} is greater than `final_sparsity`="
                 f"{final_sparsity}; sparsity only grows, so init_sparsity <= final_sparsity."
             )
-        for field, value in (("start_epoch", start_epoch), ("end_epoch", end_epoch)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"`{field}`={value!r} is not allowed; it must be a number >= 0.")
-        if end_epoch < start_epoch:
-            raise ValueError(
-                f"`end_epoch`={end_epoch} is before `start_epoch`={start_epoch}; "
-                "end_epoch must be >= start_epoch."
-            )
+        if end_epoch is None:
+            raise ValueError("`end_epoch`=None is not allowed; it must be a number >= 0.")
+        self._set_window(start_epoch, end_epoch)
         if not isinstance(update_frequency, (int, float)) or update_frequency <= 0:
             raise ValueError(
                 f"`update_frequency`={update_frequency!r} is not allowed; it must be > 0 epochs."
@@ -249,8 +285,6 @@ class MagnitudePruning(_MaskEnforcer):
             )
         self.final_sparsity = float(final_sparsity)
         self.init_sparsity = float(init_sparsity)
-        self.start_epoch = float(start_epoch)
-        self.end_epoch = float(end_epoch)
         self.update_frequency = float(update_frequency)
         self.inter_func = inter_func
         self.global_sparsity = bool(global_sparsity)
@@ -261,16 +295,50 @@ class MagnitudePruning(_MaskEnforcer):
             init_sparsity=self.init_sparsity,
             final_sparsity=self.final_sparsity,
             start_epoch=self.start_epoch,
-            end_epoch=self.end_epoch,
+            end_epoch=self.end_epoch_,
             update_frequency=self.update_frequency,
             inter_func=self.inter_func,
         )
         self._applied_index = -1
 
     @property
+    def applied_index(self) -> int:
+        """Index of the last schedule update applied (-1 before the first)."""
+        return self._applied_index
+
+    @property
     def applied_sparsity(self) -> float:
         """Target sparsity of the last update applied (0 before the first)."""
         return self.schedule.sparsity_at_index(self._applied_index)
+
+    @property
+    def end_epoch_(self) -> float:
+        """``end_epoch`` as a number (always set for a schedule)."""
+        assert self.end_epoch is not None
+        return self.end_epoch
+
+    @property
+    @override
+    def in_force_until(self) -> float:
+        return math.inf if self.leave_enabled else self.end_epoch_
+
+    @property
+    @override
+    def changes_weights_until(self) -> tuple[str, float] | None:
+        return ("end_epoch", self.end_epoch_)
+
+    @override
+    def schedule_limits(self) -> list[ScheduleLimit]:
+        return [ScheduleLimit("end_epoch", self.end_epoch_, False, "the schedule must end within")]
+
+    @override
+    def check_model(self, model: nn.Module) -> None:
+        for name, param in self.resolve_targets(model).items():
+            check_compatible(name, param.shape, self._mask_type)
+
+    @override
+    def target_curve(self, epochs: list[float]) -> dict[str, list[float]] | None:
+        return {"target sparsity": [self.schedule.sparsity_at(e) for e in epochs]}
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -279,24 +347,10 @@ class MagnitudePruning(_MaskEnforcer):
             return
         for name, param in self._targets.items():
             check_compatible(name, param.shape, self._mask_type)
-        # fast_dev_run is a smoke test of a few batches: the schedule cannot fit and need not.
-        max_epochs = None if _smoke_run(trainer) else trainer.max_epochs
-        if max_epochs is not None and max_epochs >= 0 and self.end_epoch > max_epochs:
-            raise ValueError(
-                f"`end_epoch`={self.end_epoch:g} is past the trainer's max_epochs={max_epochs}; "
-                f"the schedule must end within training (end_epoch <= {max_epochs})."
-            )
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        per_epoch = steps_per_epoch(trainer)
-        limited = trainer.max_steps >= 0 and not _smoke_run(trainer)
-        if limited and self.end_epoch * per_epoch > trainer.max_steps + 1e-9:
-            raise ValueError(
-                f"`end_epoch`={self.end_epoch:g} is {self.end_epoch * per_epoch:.0f} optimizer "
-                f"steps, past the trainer's max_steps={trainer.max_steps} "
-                f"({per_epoch} steps per epoch)."
-            )
+        super().on_train_start(trainer, pl_module)
         self._place_masks()
         self._zero_pruned_weights()
         self._maybe_update(trainer)
@@ -313,28 +367,49 @@ class MagnitudePruning(_MaskEnforcer):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         self._maybe_update(trainer)
 
-    def _enforcing(self, trainer: pl.Trainer) -> bool:
+    @override
+    def enforcing(self, trainer: pl.Trainer) -> bool:
         if not self._masks:
             return False
-        return self.leave_enabled or fractional_epoch(trainer) < self.end_epoch
+        return self.leave_enabled or fractional_epoch(trainer) < self.end_epoch_
 
     def _maybe_update(self, trainer: pl.Trainer) -> None:
         # The guard: an update is identified by its index, so neither a resume nor a repeated
         # check within one accumulation window applies it twice.
-        due = self.schedule.due_index(fractional_epoch(trainer))
-        if due <= self._applied_index:
+        due = self.should_update(trainer)
+        if due is None:
             return
         sparsity = self.schedule.sparsity_at_index(due)
-        weights = {name: param.detach() for name, param in self._targets.items()}
-        self._set_masks(
-            trainer, compute_masks(weights, sparsity, self._mask_type, self.global_sparsity)
-        )
+        self.set_masks(trainer, self.compute_masks(self.scores(trainer), sparsity))
         self._applied_index = due
         if due == self.schedule.num_updates - 1:
             rank_zero_info(
                 f"{self.log_name}: final sparsity {sparsity:.4f} reached at epoch "
                 f"{fractional_epoch(trainer):.3f}."
             )
+
+    def should_update(self, trainer: pl.Trainer) -> int | None:
+        """The index of the schedule's update due now, or None when none is (or it was applied).
+
+        Overridable, e.g. to skip updates; an update is identified by its index, so neither a
+        resume nor a repeated check within one accumulation window applies it twice.
+        """
+        due = self.schedule.due_index(fractional_epoch(trainer))
+        return None if due <= self._applied_index else due
+
+    def scores(self, trainer: pl.Trainer) -> dict[str, torch.Tensor]:
+        """Importance of every target weight (higher is kept); here, the weights' magnitude.
+
+        Override to prune by another criterion. Scores must have each weight's shape; groups
+        (N:M, blocks, channels) are ranked by the mean of their scores' absolute values.
+        """
+        return {name: param.detach() for name, param in self._targets.items()}
+
+    def compute_masks(
+        self, scores: dict[str, torch.Tensor], sparsity: float
+    ) -> dict[str, torch.Tensor]:
+        """Keep-masks at ``sparsity`` from ``scores``, in ``mask_type`` shapes."""
+        return compute_masks(scores, sparsity, self._mask_type, self.global_sparsity)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -343,25 +418,46 @@ class MagnitudePruning(_MaskEnforcer):
                 pl_module,
                 {
                     f"compression/{self.log_name}/target_sparsity": self.applied_sparsity,
-                    f"compression/{self.log_name}/enabled": float(self._enforcing(trainer)),
+                    f"compression/{self.log_name}/enabled": float(self.enforcing(trainer)),
                 },
             )
 
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "version": _STATE_VERSION,
+            "version": self.state_version,
             "applied_index": self._applied_index,
             "masks": self._masks_state(),
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._check_loaded_version(state_dict)
         self._applied_index = int(state_dict["applied_index"])
         self._load_masks(state_dict["masks"])
 
 
-class ConstantPruning(_MaskEnforcer):
+class MagnitudePruning(GradualPruning):
+    """Gradual magnitude pruning (GMP): raise sparsity along a schedule by removing small weights.
+
+    When it acts: mask updates fall at ``start_epoch``, every ``update_frequency`` epochs after it,
+    and at ``end_epoch``, on the fractional-epoch clock (optimizer steps / steps per epoch).
+    An update due at step ``s`` is applied right after optimizer step ``s`` (in
+    ``on_train_batch_end``; at ``on_train_start`` for step 0). Sparsity is absolute ("90% zeros"),
+    interpolated from ``init_sparsity`` to ``final_sparsity`` by ``inter_func``. Between updates,
+    gradients of pruned weights are zeroed before each optimizer step and the weights re-zeroed
+    after it. The arguments are :class:`GradualPruning`'s.
+
+    Example::
+
+        trainer = Trainer(
+            max_epochs=12,
+            callbacks=[MagnitudePruning(final_sparsity=0.9, start_epoch=1, end_epoch=10)],
+        )
+    """
+
+
+class ConstantPruning(MaskPruning):
     """Hold the zeros a model already has while it trains (sparse fine-tuning and transfer).
 
     When it acts: at ``on_train_start`` (after any checkpoint is restored and the strategy has set
@@ -384,11 +480,12 @@ class ConstantPruning(_MaskEnforcer):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         if self._masks:
             self._place_masks()
             self._zero_pruned_weights()
             return
-        self._set_masks(
+        self.set_masks(
             trainer, {name: param.detach() != 0 for name, param in self._targets.items()}
         )
         rank_zero_info(
@@ -403,8 +500,9 @@ class ConstantPruning(_MaskEnforcer):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"version": _STATE_VERSION, "masks": self._masks_state()}
+        return {"version": self.state_version, "masks": self._masks_state()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._check_loaded_version(state_dict)
         self._load_masks(state_dict["masks"])

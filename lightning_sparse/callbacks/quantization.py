@@ -10,40 +10,37 @@ and observer ranges live in the callback's state, not in the model.
 
 from __future__ import annotations
 
-import itertools
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from typing_extensions import override
 
-from lightning_sparse.callbacks.base import CompressionCallback, fractional_epoch, to_plain
-from lightning_sparse.callbacks.pruning import MagnitudePruning
-from lightning_sparse.quant_backend import (
+from lightning_sparse.callbacks.base import (
+    QUANTIZATION,
+    CompressionCallback,
+    ScheduleLimit,
+    check_timing,
+    fractional_epoch,
+    to_plain,
+)
+from lightning_sparse.core.fake_quant import (
     QUANTIZABLE_TYPES,
     SUPPORTED_BITS,
     QuantizationError,
     QuantizedModel,
     QuantSpec,
     install,
-    quantized_layers,
 )
 
 __all__ = [
     "QuantizationAwareTraining",
-    "check_quantization_timing",
-    "ptq",
-    "ptq_calibrate",
-    "ptq_check",
     "select_layers",
 ]
-
-_STATE_VERSION = 1
 
 
 def _is_number(value: Any) -> bool:
@@ -143,42 +140,6 @@ def select_layers(
     return chosen
 
 
-def check_quantization_timing(callbacks: Mapping[str, Any]) -> None:
-    """Refuse QAT whose observers freeze while a pruning schedule still changes the weights.
-
-    Frozen scales are fitted to the weights and activations at the freeze; pruning that goes on
-    after it moves both, so the int8 model would run on stale scales. Recipe validation calls this
-    with ``{"recipe.<entry>": callback}``; the callback itself calls it in ``setup`` with the
-    trainer's callbacks, so plain-Python users get the same error.
-
-    Args:
-        callbacks: built callbacks by the label messages should use (``recipe.quantization``).
-
-    Raises:
-        ValueError: a ``QuantizationAwareTraining`` starts before a ``MagnitudePruning`` ends and
-            freezes its observers (``disable_quantization_observer_epoch``) before it ends too.
-    """
-    for q_label, qat in callbacks.items():
-        if not isinstance(qat, QuantizationAwareTraining):
-            continue
-        freeze = qat.disable_quantization_observer_epoch
-        if freeze is None:
-            continue
-        for p_label, pruning in callbacks.items():
-            if not isinstance(pruning, MagnitudePruning):
-                continue
-            end = pruning.end_epoch
-            if qat.start_epoch < end and freeze < end:
-                raise ValueError(
-                    f"{q_label}.disable_quantization_observer_epoch={freeze:g} freezes the "
-                    f"quantization observers before {p_label}.end_epoch={end:g}, while pruning "
-                    f"still changes the weights (QAT starts at {q_label}.start_epoch="
-                    f"{qat.start_epoch:g}); the frozen scales would not fit the pruned model. Set "
-                    f"{q_label}.disable_quantization_observer_epoch >= {end:g}, or start QAT when "
-                    f"pruning ends ({q_label}.start_epoch >= {end:g})."
-                )
-
-
 class QuantizationAwareTraining(CompressionCallback):
     """Quantization-aware training: train through int8 rounding so the int8 model keeps accuracy.
 
@@ -241,10 +202,7 @@ class QuantizationAwareTraining(CompressionCallback):
         name: str | None = None,
     ) -> None:
         super().__init__(name=name)
-        if not _is_number(start_epoch) or start_epoch < 0:
-            raise ValueError(
-                f"`start_epoch`={start_epoch!r} is not allowed; it must be a number >= 0."
-            )
+        self._set_window(start_epoch, None)
         for field, value in (
             ("freeze_bn_stats_epoch", freeze_bn_stats_epoch),
             ("disable_quantization_observer_epoch", disable_quantization_observer_epoch),
@@ -269,7 +227,6 @@ class QuantizationAwareTraining(CompressionCallback):
                 f"`exclude_first_last`={exclude_first_last!r} is not allowed; it must be true or "
                 "false."
             )
-        self.start_epoch = float(start_epoch)
         self.freeze_bn_stats_epoch = (
             None if freeze_bn_stats_epoch is None else float(freeze_bn_stats_epoch)
         )
@@ -287,6 +244,37 @@ class QuantizationAwareTraining(CompressionCallback):
         self._pending_state: dict[str, Any] | None = None
         self._bn_frozen = False
         self._announced: tuple[bool, bool, bool] | None = None
+
+    changes = frozenset({QUANTIZATION})
+
+    @property
+    @override
+    def needs_settled_weights_from(self) -> tuple[str, float] | None:
+        # Frozen scales fit the weights at the freeze; later weight changes would make them stale.
+        freeze = self.disable_quantization_observer_epoch
+        return None if freeze is None else ("disable_quantization_observer_epoch", freeze)
+
+    @override
+    def schedule_limits(self) -> list[ScheduleLimit]:
+        return [
+            ScheduleLimit(
+                "start_epoch",
+                self.start_epoch,
+                True,
+                "quantization-aware training would never start",
+            )
+        ]
+
+    @override
+    def resolve_targets(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        names = select_layers(model, self.ignore, self.exclude_first_last)
+        params = dict(model.named_parameters())
+        return {f"{n}.weight": params[f"{n}.weight"] for n in names if f"{n}.weight" in params}
+
+    @property
+    @override
+    def target_names(self) -> list[str]:
+        return [f"{name}.weight" for name in self.layer_names]
 
     @property
     def quantized(self) -> QuantizedModel | None:
@@ -328,15 +316,8 @@ class QuantizationAwareTraining(CompressionCallback):
             return
         if self._quantized is not None and self._quantized.model is pl_module:
             return  # a second fit on the same module: already prepared
-        max_epochs = None if vars(trainer).get("fast_dev_run") else trainer.max_epochs
-        if max_epochs is not None and max_epochs >= 0 and self.start_epoch >= max_epochs:
-            raise ValueError(
-                f"`start_epoch`={self.start_epoch:g} is not before the trainer's max_epochs="
-                f"{max_epochs}: quantization-aware training would never start."
-            )
-        callbacks = trainer.callbacks  # type: ignore[attr-defined]
-        check_quantization_timing(
-            {getattr(cb, "log_name", type(cb).__name__): cb for cb in callbacks}
+        check_timing(
+            {cb.log_name: cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback)}  # type: ignore[attr-defined]
         )
         names = select_layers(pl_module, self.ignore, self.exclude_first_last)
         try:
@@ -349,6 +330,7 @@ class QuantizationAwareTraining(CompressionCallback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         self._update_phase(trainer, pl_module)
 
     @override
@@ -415,15 +397,16 @@ class QuantizationAwareTraining(CompressionCallback):
     @override
     def state_dict(self) -> dict[str, Any]:
         if self._quantized is None:
-            return {"version": _STATE_VERSION, "quantization": self._pending_state}
+            return {"version": self.state_version, "quantization": self._pending_state}
         return {
-            "version": _STATE_VERSION,
+            "version": self.state_version,
             "quantization": self._quantized.state_dict(),
             "bn_stats_frozen": self._bn_frozen,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._check_loaded_version(state_dict)
         state = state_dict.get("quantization")
         if state is None:
             return
@@ -439,174 +422,3 @@ class QuantizationAwareTraining(CompressionCallback):
             self._quantized.load_state_dict(state)
         except QuantizationError as err:
             raise ValueError(f"{self.state_key}: cannot resume from the checkpoint: {err}") from err
-
-
-def _inputs(batch: Any) -> torch.Tensor:
-    """The model input of a batch: the batch itself or its first element (``(inputs, labels)``)."""
-    if isinstance(batch, (list, tuple)):
-        batch = batch[0]
-    if not isinstance(batch, torch.Tensor):
-        raise TypeError(
-            f"ptq expects batches that are a tensor or (inputs, ...) with tensor inputs; got "
-            f"{type(batch).__name__}."
-        )
-    return batch
-
-
-def ptq(
-    module: nn.Module,
-    datamodule: pl.LightningDataModule,
-    num_batches: int = 16,
-    *,
-    num_bits: int = 8,
-    symmetric: bool = True,
-    per_channel: bool = True,
-    ignore: Sequence[str] = (),
-    exclude_first_last: bool = False,
-) -> QuantizedModel:
-    """Post-training quantization: calibrate scales on training batches, no training.
-
-    The first ``num_batches`` batches of ``datamodule.train_dataloader()`` go to
-    :func:`ptq_calibrate`; see there.
-
-    Args:
-        module: the trained model (e.g. a ``ClassificationModule``); its forward takes the first
-            element of each batch.
-        datamodule: supplies the calibration data (training split).
-        num_batches: batches to calibrate on (fewer if the loader is shorter).
-        num_bits: bits per weight, 8 or 4.
-        symmetric: symmetric weights (zero point 0).
-        per_channel: one weight scale per output channel.
-        ignore: layers left in float, as in :class:`QuantizationAwareTraining`.
-        exclude_first_last: leave the first and last Conv/Linear layers in float.
-
-    Returns:
-        The handle on the quantized layers (``.state_dict()`` saves the scales).
-
-    Raises:
-        ValueError: an argument is invalid (the message names it); the module is quantized
-            already; a quantized layer saw no input during calibration.
-
-    Example::
-
-        handle = ptq(module, DigitsDataModule(), num_batches=8)
-        summary = export_model(module, DigitsDataModule(), "runs/ptq/export")
-    """
-    if not isinstance(num_batches, int) or isinstance(num_batches, bool) or num_batches < 1:
-        raise ValueError(f"`num_batches`={num_batches!r} is not allowed; it must be an int >= 1.")
-    # Checked before any data is read.
-    ptq_check(
-        module,
-        num_bits=num_bits,
-        symmetric=symmetric,
-        per_channel=per_channel,
-        ignore=ignore,
-        exclude_first_last=exclude_first_last,
-    )
-    datamodule.setup("fit")
-    return ptq_calibrate(
-        module,
-        itertools.islice(datamodule.train_dataloader(), num_batches),
-        num_bits=num_bits,
-        symmetric=symmetric,
-        per_channel=per_channel,
-        ignore=ignore,
-        exclude_first_last=exclude_first_last,
-    )
-
-
-def ptq_check(
-    module: nn.Module,
-    *,
-    num_bits: int = 8,
-    symmetric: bool = True,
-    per_channel: bool = True,
-    ignore: Sequence[str] = (),
-    exclude_first_last: bool = False,
-) -> list[str]:
-    """Validate PTQ options against ``module`` without changing it; return the layers to quantize.
-
-    Raises:
-        ValueError: an argument is invalid, or a layer is quantized already (names it).
-    """
-    _check_spec(num_bits, symmetric, per_channel)
-    if not isinstance(exclude_first_last, bool):
-        raise ValueError(
-            f"`exclude_first_last`={exclude_first_last!r} is not allowed; it must be true or false."
-        )
-    names = select_layers(module, _check_ignore(ignore), exclude_first_last)
-    done = sorted(set(names) & set(quantized_layers(module)))
-    if done:
-        raise ValueError(
-            f"ptq: layer {done[0]!r} is quantized already (by QAT or an earlier PTQ); leave it "
-            "out with `ignore`."
-        )
-    return names
-
-
-@torch.no_grad()
-def ptq_calibrate(
-    module: nn.Module,
-    batches: Iterable[Any],
-    *,
-    num_bits: int = 8,
-    symmetric: bool = True,
-    per_channel: bool = True,
-    ignore: Sequence[str] = (),
-    exclude_first_last: bool = False,
-) -> QuantizedModel:
-    """Quantize ``module`` by calibrating on ``batches``: the PTQ core, for any data source.
-
-    The module runs in eval mode (BatchNorm running statistics, no dropout), in float, on every
-    batch while observers record the running min/max of each quantized layer's input and the weight
-    ranges. Afterwards it computes with fake-quantized weights and inputs (observers frozen):
-    exactly what ``lightning_sparse.export.export_model`` writes to ``model_int8.onnx``. Pruned
-    zeros stay zero. On error the module is left as it was.
-
-    Args:
-        module: the trained model; its forward takes a batch, or the first element of a
-            ``(inputs, labels)`` batch.
-        batches: calibration batches (all are used).
-        num_bits: bits per weight, 8 or 4.
-        symmetric: symmetric weights (zero point 0).
-        per_channel: one weight scale per output channel.
-        ignore: layers left in float, as in :class:`QuantizationAwareTraining`.
-        exclude_first_last: leave the first and last Conv/Linear layers in float.
-
-    Raises:
-        ValueError: as :func:`ptq_check`; no batch; a quantized layer saw no input.
-    """
-    names = ptq_check(
-        module,
-        num_bits=num_bits,
-        symmetric=symmetric,
-        per_channel=per_channel,
-        ignore=ignore,
-        exclude_first_last=exclude_first_last,
-    )
-    handle = install(module, names, QuantSpec(num_bits, symmetric, per_channel))
-    device = next(module.parameters()).device
-    was_training = module.training
-    module.eval()
-    seen = 0
-    try:
-        with handle.calibrating():
-            for batch in batches:
-                module(_inputs(batch).to(device))
-                seen += 1
-    except BaseException:
-        handle.remove()
-        raise
-    finally:
-        module.train(was_training)
-    silent = [name for name, q in handle.layers.items() if not q.input_observed]
-    if silent:
-        handle.remove()
-        reason = "no calibration batch was given" if not seen else "unused in forward?"
-        raise ValueError(
-            f"ptq: layers {silent} saw no input in {seen} calibration batches ({reason}); "
-            "give batches, or leave unused layers out with `ignore`."
-        )
-    handle.set_phase(fake_quant=True, observe=False)
-    rank_zero_info(f"ptq: calibrated {len(handle.layers)} layers on {seen} batches.")
-    return handle

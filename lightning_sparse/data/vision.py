@@ -22,13 +22,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from lightning_sparse.core.vision_backend import IMAGE_EXTENSIONS, load_image, torchvision_module
 from lightning_sparse.data.base import (
     TensorDataModule,
     check_classes,
     select_classes,
     stratified_split,
 )
-from lightning_sparse.vision_backend import IMAGE_EXTENSIONS, load_image, torchvision_module
 
 __all__ = [
     "CIFAR10DataModule",

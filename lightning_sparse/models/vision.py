@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from lightning_sparse.vision_backend import torchvision_module
+from lightning_sparse.core.vision_backend import torchvision_module
 
 __all__ = ["mobilenet_v3_small", "resnet18"]
 

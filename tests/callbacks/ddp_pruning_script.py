@@ -31,23 +31,24 @@ class RecordingPruning(MagnitudePruning):
         self._trainer = trainer
         super().on_train_start(trainer, pl_module)
 
-    def _maybe_update(self, trainer: pl.Trainer) -> None:
-        before = {n: p.detach().clone() for n, p in self._targets.items()}
-        applied = self._applied_index
-        super()._maybe_update(trainer)
-        if self._applied_index != applied:
-            self.history.append(
-                {
-                    "index": self._applied_index,
-                    "weights_before": before,
-                    "masks": {n: m.clone() for n, m in self._masks.items()},
-                }
-            )
+    def should_update(self, trainer: pl.Trainer) -> int | None:
+        due = super().should_update(trainer)
+        if due is not None:
+            self._due = (due, {n: p.detach().clone() for n, p in self.targets.items()})
+        return due
 
-    def _set_masks(self, trainer: pl.Trainer, masks: dict[str, torch.Tensor]) -> None:
+    def set_masks(self, trainer: pl.Trainer, masks: dict[str, torch.Tensor]) -> None:
         if trainer.global_rank == 1:
             masks = {name: ~mask for name, mask in masks.items()}
-        super()._set_masks(trainer, masks)
+        super().set_masks(trainer, masks)
+        index, before = self._due
+        self.history.append(
+            {
+                "index": index,
+                "weights_before": before,
+                "masks": {n: m.clone() for n, m in self.masks.items()},
+            }
+        )
 
 
 def main(out_dir: Path) -> None:

@@ -15,7 +15,7 @@ from lightning_sparse.callbacks import MagnitudePruning, QuantizationAwareTraini
 from lightning_sparse.callbacks.base import fractional_epoch
 from lightning_sparse.callbacks.distillation import distillation_loss
 from lightning_sparse.module import CompressionModule
-from lightning_sparse.recipe import RecipeError, instantiate_recipe, load
+from lightning_sparse.run.recipe import RecipeError, instantiate_recipe, load
 from tests.helpers import TinyData, TinyModule, TinyNet, fit_resumable, quiet_trainer
 
 # TinyData: 80 samples, batch 8 -> 10 optimizer steps per epoch.

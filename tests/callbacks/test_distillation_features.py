@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning_sparse import KnowledgeDistillation
 from lightning_sparse.callbacks import MagnitudePruning
 from lightning_sparse.callbacks.distillation import _projection_dim, feature_loss
-from lightning_sparse.recipe import RecipeError, check_against_model, instantiate_recipe
+from lightning_sparse.run.recipe import RecipeError, check_against_model, instantiate_recipe
 from tests.callbacks.test_distillation import DistilModule
 from tests.helpers import TinyData, TinyNet, fit_resumable, quiet_trainer, run_ddp_script
 
@@ -194,7 +194,7 @@ def test_missing_layers_are_named_before_training() -> None:
     callbacks = instantiate_recipe(recipe, {"max_epochs": 3})
     with pytest.raises(
         RecipeError,
-        match=r"recipe\.distillation: `features`: the student has no layer 'model\.conv9'; "
+        match=r"`recipe\.distillation\.features`: the student has no layer 'model\.conv9'; "
         r"its layers are: model, model\.conv1, model\.fc1, model\.fc2",
     ):
         check_against_model(callbacks, DistilModule())

@@ -31,9 +31,9 @@ class Recorder(pl.Callback):
         )
         self.per_layer.append(self.pruning.sparsity_per_layer())
         # after every step every pruned weight is exactly zero, while the masks are enforced
-        enforced = self.pruning.masks if self.pruning._enforcing(trainer) else {}
+        enforced = self.pruning.masks if self.pruning.enforcing(trainer) else {}
         for name, mask in enforced.items():
-            weight = self.pruning._targets[name]
+            weight = self.pruning.targets[name]
             assert (weight[~mask] == 0).all(), f"{name} regrew at step {trainer.global_step}"
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -91,7 +91,7 @@ def test_every_target_has_its_scheduled_sparsity_after_each_update(
     for (step, epoch, _), per_layer in zip(recorder.steps, recorder.per_layer, strict=False):
         target = pruning.schedule.sparsity_at(epoch)
         for name, sparsity in per_layer.items():
-            weight = pruning._targets[name]
+            weight = pruning.targets[name]
             # groups are exact by construction; one group is the only slack
             granularity = {"channel": weight[0].numel(), "block4": 4}.get(mask_type, 1)
             error = abs(sparsity * weight.numel() - round(target * weight.numel()))

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_sparse.masks import compute_masks, parse_mask_type
-from lightning_sparse.schedule import SparsitySchedule
+from lightning_sparse.core.masks import compute_masks, parse_mask_type
+from lightning_sparse.core.schedule import SparsitySchedule
 from tests.helpers import run_ddp_script
 
 # the schedule the script configures

@@ -11,15 +11,11 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from lightning_sparse.callbacks import MagnitudePruning, QuantizationAwareTraining
-from lightning_sparse.callbacks.base import fractional_epoch
-from lightning_sparse.callbacks.quantization import (
-    check_quantization_timing,
-    ptq,
-    ptq_calibrate,
-    select_layers,
-)
+from lightning_sparse.callbacks.base import check_timing, fractional_epoch
+from lightning_sparse.callbacks.quantization import select_layers
+from lightning_sparse.core.fake_quant import quantized_layers
 from lightning_sparse.data import SyntheticDataModule
-from lightning_sparse.quant_backend import quantized_layers
+from lightning_sparse.posttrain.ptq import ptq, ptq_calibrate
 from tests.helpers import (
     TinyData,
     TinyModule,
@@ -302,16 +298,16 @@ def test_observers_frozen_while_pruning_goes_on_are_refused() -> None:
     pruning = MagnitudePruning(final_sparsity=0.5, start_epoch=0, end_epoch=3)
     qat = QuantizationAwareTraining(start_epoch=1, disable_quantization_observer_epoch=2)
     message = (
-        r"recipe.quantization.disable_quantization_observer_epoch=2 freezes the quantization "
-        r"observers before recipe.pruning.end_epoch=3, while pruning still changes the weights"
+        r"recipe.quantization.disable_quantization_observer_epoch=2 comes before "
+        r"recipe.pruning.end_epoch=3, while recipe.pruning still changes the weights"
     )
     with pytest.raises(ValueError, match=message):
-        check_quantization_timing({"recipe.pruning": pruning, "recipe.quantization": qat})
+        check_timing({"recipe.pruning": pruning, "recipe.quantization": qat})
     # the same check guards plain-Python use, before any step
     with pytest.raises(ValueError, match=r"QuantizationAwareTraining.disable_quantization"):
         _fit([pruning, qat])
     # QAT that starts when pruning ends, or keeps observing past its end, is fine
-    check_quantization_timing(
+    check_timing(
         {
             "p": pruning,
             "q1": QuantizationAwareTraining(start_epoch=3, disable_quantization_observer_epoch=4),

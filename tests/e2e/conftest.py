@@ -9,7 +9,7 @@ import pytest
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from lightning_sparse.recipe import compose_config
+from lightning_sparse.run.recipe import compose_config
 
 
 @pytest.fixture

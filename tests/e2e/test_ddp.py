@@ -20,10 +20,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from safetensors import safe_open
 
-from lightning_sparse.export import export_model
-from lightning_sparse.recipe import compose_config
-from lightning_sparse.report import weights_digest
-from lightning_sparse.train import ConfigError, _check_launch, check_strategy, run
+from lightning_sparse.deploy.export import export_model
+from lightning_sparse.run.recipe import compose_config
+from lightning_sparse.run.report import weights_digest
+from lightning_sparse.run.training import ConfigError, _check_launch, check_strategy, run
 from tests.e2e.app import QUICK, QUICK_PRUNING, run_app
 
 ComposeRunCfg = Callable[..., DictConfig]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from lightning_sparse.train import run
+from lightning_sparse.run.training import run
 from tests.e2e.app import QUICK
 
 ComposeRunCfg = Callable[..., DictConfig]

@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 
 from lightning_sparse import oneshot, train
 from lightning_sparse.models import SmallCNN
-from lightning_sparse.recipe import RecipeError, compose_config
+from lightning_sparse.run.recipe import RecipeError, compose_config
 from tests.e2e.app import REPO
 from tests.stage_helpers import write_mnist
 
@@ -264,7 +264,7 @@ def test_post_training_quantization_after_pruning_keeps_the_zeros(
         tmp_path,
         f"ckpt_path='{trained}'",
         "recipe=ptq_int8",
-        "+oneshot.pruning={_target_: lightning_sparse.oneshot.OneShotPruning, sparsity: 0.5}",
+        "+oneshot.pruning={_target_: lightning_sparse.posttrain.OneShotPruning, sparsity: 0.5}",
         "export=false",
     )
     # pruning runs first (before the fine-tune slot), quantization last; zeros survive int8

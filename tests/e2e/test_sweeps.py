@@ -18,7 +18,7 @@ import yaml
 from hydra.errors import MissingConfigException
 
 from lightning_sparse.compare import main as compare_main
-from lightning_sparse.recipe import compose_config
+from lightning_sparse.run.recipe import compose_config
 from tests.e2e.app import QUICK, QUICK_PRUNING, REPO
 from tests.wandb_offline import offline_runs
 

@@ -16,8 +16,8 @@ import yaml
 from omegaconf import DictConfig
 
 from lightning_sparse.models import MLP, SmallCNN
-from lightning_sparse.recipe import RecipeError
-from lightning_sparse.train import ConfigError, objective_names, objective_values, run
+from lightning_sparse.run.recipe import RecipeError
+from lightning_sparse.run.training import ConfigError, objective_names, objective_values, run
 from tests.e2e.app import QUICK, QUICK_PRUNING, run_app
 from tests.wandb_offline import offline_runs
 
@@ -355,7 +355,7 @@ def test_wandb_online_without_network_falls_back_to_offline(
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
     monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
     cfg = compose_run_cfg(*QUICK, "trainer.max_epochs=1", "recipe=dense", "logger=wandb")
-    with caplog.at_level(logging.WARNING, logger="lightning_sparse.tracking"):
+    with caplog.at_level(logging.WARNING, logger="lightning_sparse.run.tracking"):
         summary = run(cfg)
     assert "cannot be reached" in caplog.text
     assert "logging offline instead" in caplog.text

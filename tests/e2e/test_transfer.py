@@ -15,8 +15,8 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 
-from lightning_sparse.recipe import compose_config
-from lightning_sparse.train import ConfigError, run
+from lightning_sparse.run.recipe import compose_config
+from lightning_sparse.run.training import ConfigError, run
 from tests.stage_helpers import write_image_folder
 
 pytestmark = pytest.mark.slow

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lightning_sparse.core.targets import prunable_parameters
 from lightning_sparse.models import MLP, SmallCNN
-from lightning_sparse.targets import prunable_parameters
 
 
 def test_small_cnn_layout_and_output() -> None:

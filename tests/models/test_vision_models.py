@@ -10,10 +10,10 @@ import torchvision
 from hydra.utils import instantiate
 from torch import nn
 
+from lightning_sparse.core.targets import prunable_parameters
 from lightning_sparse.models import mobilenet_v3_small, resnet18
 from lightning_sparse.module import ClassificationModule
-from lightning_sparse.recipe import compose_config
-from lightning_sparse.targets import prunable_parameters
+from lightning_sparse.run.recipe import compose_config
 from tests.stage_helpers import one_thread
 
 pytestmark = pytest.mark.usefixtures(one_thread.__name__)

@@ -15,7 +15,7 @@ from types import ModuleType
 
 import pytest
 
-from lightning_sparse.schedule import SparsitySchedule
+from lightning_sparse.core.schedule import SparsitySchedule
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "scripts" / "benchmark.py"

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_sparse.masks import MaskType, compute_masks
+from lightning_sparse.core.masks import MaskType, compute_masks
 
 __all__ = [
     "CRITERIA",

@@ -10,9 +10,9 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from rich.console import Console
 
-from lightning_sparse.baseline import DenseSnapshot, compression_start
 from lightning_sparse.callbacks import MagnitudePruning, QuantizationAwareTraining
-from lightning_sparse.report import summary_table
+from lightning_sparse.run.baseline import DenseSnapshot, compression_start
+from lightning_sparse.run.report import summary_table
 from tests.helpers import TinyData, TinyModule, quiet_trainer
 
 # TinyData: 80 samples, batch 8 -> 10 optimizer steps per epoch.

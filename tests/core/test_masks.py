@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_sparse.masks import compute_masks, mask_sparsity, parse_mask_type
+from lightning_sparse.core.masks import compute_masks, mask_sparsity, parse_mask_type
 
 
 def _weights(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -14,13 +14,13 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from lightning_sparse.compare import (
+from lightning_sparse.compare import main
+from lightning_sparse.run.compare import (
     MARKDOWN_FILE,
     PLOT_FILE,
     RunRecord,
     SweepReport,
     collect_runs,
-    main,
     mark_pareto_front,
     markdown_report,
 )

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from lightning_sparse import ConstantPruning, MagnitudePruning
 from lightning_sparse.models import MLP, SmallCNN
 from lightning_sparse.module import ClassificationModule
-from lightning_sparse.recipe import (
+from lightning_sparse.run.recipe import (
     RecipeError,
     RecipeRecord,
     check_against_model,
@@ -135,7 +135,9 @@ def test_params_matching_nothing_lists_candidates() -> None:
 
 def test_nm_mask_that_does_not_tile_a_weight() -> None:
     callbacks = instantiate_recipe({"pruning": gmp(final_sparsity=0.5, mask_type="2:4")})
-    with pytest.raises(RecipeError, match=r"recipe\.pruning: .*`model\.conv1\.weight` has input"):
+    with pytest.raises(
+        RecipeError, match=r"`recipe\.pruning\.mask_type`.*`model\.conv1\.weight` has input"
+    ):
         check_against_model(callbacks, cnn())
 
 
@@ -222,11 +224,9 @@ def test_recipe_record_round_trip() -> None:
     assert torch.load(buffer, weights_only=True) == state
 
 
-def test_active_window_of_leave_enabled_is_open_ended() -> None:
-    from lightning_sparse.recipe import _active_window
-
-    assert _active_window(MagnitudePruning(0.5, end_epoch=2)) == (0.0, math.inf)
-    assert _active_window(MagnitudePruning(0.5, end_epoch=2, leave_enabled=False)) == (0.0, 2.0)
+def test_masks_of_leave_enabled_are_in_force_to_the_end() -> None:
+    assert MagnitudePruning(0.5, end_epoch=2).in_force_until == math.inf
+    assert MagnitudePruning(0.5, end_epoch=2, leave_enabled=False).in_force_until == 2.0
 
 
 QAT = "lightning_sparse.callbacks.QuantizationAwareTraining"
@@ -243,7 +243,7 @@ def test_quantization_freezing_observers_during_pruning_names_both_entries() -> 
     }
     with pytest.raises(
         RecipeError,
-        match=r"recipe\.quantization\.disable_quantization_observer_epoch=2 freezes .* before "
+        match=r"recipe\.quantization\.disable_quantization_observer_epoch=2 comes before "
         r"recipe\.pruning\.end_epoch=3",
     ):
         check_against_model(instantiate_recipe(recipe), cnn())
@@ -252,6 +252,6 @@ def test_quantization_freezing_observers_during_pruning_names_both_entries() -> 
 def test_quantization_ignore_matching_nothing_names_the_entry() -> None:
     recipe = {"quantization": {"_target_": QAT, "start_epoch": 0, "ignore": ["model.fc9"]}}
     with pytest.raises(
-        RecipeError, match=r"recipe\.quantization: `ignore` entry 'model\.fc9' matches no"
+        RecipeError, match=r"`recipe\.quantization\.ignore` entry 'model\.fc9' matches no"
     ):
         check_against_model(instantiate_recipe(recipe), cnn())

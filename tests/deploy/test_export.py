@@ -16,19 +16,16 @@ from omegaconf import OmegaConf
 
 from lightning_sparse import export
 from lightning_sparse.callbacks import MagnitudePruning, QuantizationAwareTraining
-from lightning_sparse.callbacks.quantization import ptq
+from lightning_sparse.core.checkpoint import CheckpointMismatchError, load_checkpoint
+from lightning_sparse.core.fake_quant import quantized_layers
 from lightning_sparse.data import DigitsDataModule
-from lightning_sparse.export import (
-    CheckpointMismatchError,
-    dense_bytes,
-    export_model,
-    load_checkpoint,
-    load_compressed,
-    save_compressed,
-)
+from lightning_sparse.deploy import export as deploy_export
+from lightning_sparse.deploy.compressed import dense_bytes, load_compressed, save_compressed
+from lightning_sparse.deploy.export import export_model
 from lightning_sparse.models import MLP, SmallCNN
 from lightning_sparse.module import ClassificationModule
-from lightning_sparse.recipe import check_target, compose_config, config_dir
+from lightning_sparse.posttrain.ptq import ptq
+from lightning_sparse.run.recipe import check_target, compose_config, config_dir
 from tests.helpers import quiet_trainer
 
 SUMMARY_KEYS = {
@@ -107,7 +104,7 @@ def test_fp32_onnx_matches_pytorch_within_1e_4(exported: Any, datamodule: Digits
     assert summary["onnx_fp32_max_abs_diff"] < 1e-4
     session = ort.InferenceSession(str(out_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     x, _ = next(iter(datamodule.test_dataloader()))
-    handle = next(iter(export.qb.quantized_layers(module).values())).controls
+    handle = next(iter(quantized_layers(module).values())).controls
     handle.fake_quant = False  # the float model
     try:
         expected = module.eval()(x).detach().numpy()
@@ -154,7 +151,7 @@ def test_compressed_round_trip_gives_identical_outputs(
     load_compressed(out_dir / "compressed.safetensors", restored)
     x, _ = next(iter(datamodule.test_dataloader()))
     assert torch.equal(module.eval()(x), restored.eval()(x))
-    assert set(export.qb.quantized_layers(restored)) == set(export.qb.quantized_layers(module))
+    assert set(quantized_layers(restored)) == set(quantized_layers(module))
 
 
 @pytest.mark.parametrize(
@@ -224,7 +221,7 @@ def test_a_failed_export_leaves_no_half_written_files(
     def fail(*args: Any) -> int:
         raise OSError("disk full")
 
-    monkeypatch.setattr(export, "save_compressed", fail)
+    monkeypatch.setattr(deploy_export, "save_compressed", fail)
     with pytest.raises(OSError, match="disk full"):
         export_model(_digits_module(), datamodule, out_dir, latency_runs=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temporary directory

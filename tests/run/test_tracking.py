@@ -16,8 +16,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 
-from lightning_sparse.recipe import compose_config
-from lightning_sparse.tracking import (
+from lightning_sparse.run.recipe import compose_config
+from lightning_sparse.run.tracking import (
     WandbTracker,
     credentials_configured,
     finish,
@@ -144,7 +144,7 @@ def test_logger_groups_compose_alone_and_together() -> None:
     assert set(compose_config(["logger=wandb"]).logger) == {"wandb"}
     both = compose_config(["logger=[csv,wandb]"]).logger
     assert set(both) == {"csv", "wandb"}
-    assert both.wandb._target_ == "lightning_sparse.tracking.WandbTracker"
+    assert both.wandb._target_ == "lightning_sparse.run.tracking.WandbTracker"
     assert both.wandb.mode is None
 
 
@@ -224,7 +224,7 @@ def test_tracker_warns_when_falling_back(
     monkeypatch.setenv("WANDB_MODE", "online")
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
     monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{closed_port}")
-    with caplog.at_level(logging.WARNING, logger="lightning_sparse.tracking"):
+    with caplog.at_level(logging.WARNING, logger="lightning_sparse.run.tracking"):
         tracker = WandbTracker(save_dir=".")
     assert tracker.mode == "offline"
     assert "cannot be reached" in caplog.text

@@ -11,8 +11,8 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_sparse.recipe import compose_config
-from lightning_sparse.resume import ResumeError, resume_config, stored_config
+from lightning_sparse.run.recipe import compose_config
+from lightning_sparse.run.resume import ResumeError, resume_config, stored_config
 
 STORED: dict[str, Any] = {
     "seed": 3,

@@ -33,7 +33,8 @@ from rich.table import Table
 from torch import nn
 from typing_extensions import override
 
-from lightning_sparse.targets import prunable_parameters
+from lightning_sparse.callbacks.base import MASKS, CompressionCallback
+from lightning_sparse.core.targets import prunable_parameters
 
 __all__ = [
     "ENVIRONMENT_FILE",
@@ -105,7 +106,13 @@ def pruned_parameter_names(model: nn.Module, callbacks: Iterable[object]) -> lis
     """
     names: dict[str, None] = {}
     for callback in callbacks:
-        for name in getattr(callback, "target_names", None) or []:
+        if isinstance(callback, CompressionCallback) and MASKS in callback.changes:
+            targets = callback.target_names
+        elif isinstance(callback, CompressionCallback):
+            continue
+        else:  # a one-shot step: it prunes what it names
+            targets = getattr(callback, "target_names", None) or []
+        for name in targets:
             names.setdefault(name, None)
     return list(names) if names else list(prunable_parameters(model))
 
@@ -463,7 +470,8 @@ def plot_sparsity_schedule(
 
     Args:
         history: ``(epoch, measured sparsity)`` pairs, e.g. :attr:`SparsityHistory.history`.
-        schedules: ``{label: schedule}`` with ``sparsity_at(epoch)`` (a ``SparsitySchedule``).
+        schedules: ``{label: schedule}``: a function of the epochs, or an object with
+            ``sparsity_at(epoch)`` (a ``SparsitySchedule``).
         max_epochs: right end of the epoch axis.
         path: where the PNG goes.
     """
@@ -473,7 +481,8 @@ def plot_sparsity_schedule(
     samples = 400
     epochs = [end * i / samples for i in range(samples + 1)]
     for label, schedule in schedules.items():
-        targets = [100 * schedule.sparsity_at(epoch) for epoch in epochs]
+        values = schedule(epochs) if callable(schedule) else map(schedule.sparsity_at, epochs)
+        targets = [100 * value for value in values]
         axes.step(epochs, targets, where="post", label=f"{label} target")
     if history:
         axes.plot(

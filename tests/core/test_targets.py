@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-from lightning_sparse.targets import ALL_PRUNABLE, prunable_parameters, resolve_params
+from lightning_sparse.core.targets import ALL_PRUNABLE, prunable_parameters, resolve_params
 from tests.helpers import TinyModule
 
 

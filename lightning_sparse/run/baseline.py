@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_sparse.callbacks.base import fractional_epoch
+from lightning_sparse.callbacks.base import compression_callbacks, fractional_epoch
 from lightning_sparse.module import copy_without_trainer, drop_instance_forwards
 
 __all__ = [
@@ -41,7 +41,7 @@ _STATE_VERSION = 1
 
 def compression_start(callbacks: Iterable[Callback]) -> float:
     """The earliest ``start_epoch`` of the techniques (0 for one that acts from the start)."""
-    starts = [float(getattr(callback, "start_epoch", 0.0)) for callback in callbacks]
+    starts = [technique.start_epoch for technique in compression_callbacks(list(callbacks))]
     return min(starts, default=0.0)
 
 

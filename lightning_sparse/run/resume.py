@@ -30,7 +30,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_sparse.module import checkpoint_path
+from lightning_sparse.core.checkpoint import checkpoint_path
 
 __all__ = ["CONFIG_STATE_KEY", "RESUME_FILE", "ResumeError", "resume_config", "stored_config"]
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from lightning_sparse.schedule import INTERPOLATIONS, SparsitySchedule, interpolate
+from lightning_sparse.core.schedule import INTERPOLATIONS, SparsitySchedule, interpolate
 
 
 @pytest.mark.parametrize("inter_func", sorted(INTERPOLATIONS))

@@ -7,13 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_sparse.masks import compute_masks, mask_sparsity, parse_mask_type
-from lightning_sparse.pruning_criteria import (
+from lightning_sparse.core.criteria import (
     criterion_masks,
     criterion_scores,
     input_rms,
     needs_calibration,
 )
+from lightning_sparse.core.masks import compute_masks, mask_sparsity, parse_mask_type
 from tests.stage_helpers import one_thread
 
 pytestmark = pytest.mark.usefixtures(one_thread.__name__)

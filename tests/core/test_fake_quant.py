@@ -11,7 +11,16 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_sparse import quant_backend as qb
+from lightning_sparse.core.fake_quant import (
+    QuantizationError,
+    QuantizedModel,
+    QuantSpec,
+    install,
+    quantized_layers,
+    restore,
+)
+from lightning_sparse.deploy.onnx_int8 import export_onnx, onnx_layer_quant, quantize_onnx
+from lightning_sparse.deploy.ort import OrtModel, interleaved_latency_ms
 from tests.helpers import TinyNet
 
 
@@ -37,7 +46,7 @@ def _pruned_net(seed: int = 0) -> TinyNet:
     return net
 
 
-def _calibrate(handle: qb.QuantizedModel, model: nn.Module, batches: int = 3) -> None:
+def _calibrate(handle: QuantizedModel, model: nn.Module, batches: int = 3) -> None:
     generator = torch.Generator().manual_seed(1)
     model.eval()
     with torch.no_grad(), handle.calibrating():
@@ -54,8 +63,8 @@ def test_zeros_survive_and_integers_reproduce_the_fake_quantized_weight(
     num_bits: int, symmetric: bool, per_channel: bool
 ) -> None:
     net = _pruned_net()
-    spec = qb.QuantSpec(num_bits=num_bits, symmetric=symmetric, per_channel=per_channel)
-    handle = qb.install(net, ["conv1", "fc1", "fc2"], spec)
+    spec = QuantSpec(num_bits=num_bits, symmetric=symmetric, per_channel=per_channel)
+    handle = install(net, ["conv1", "fc1", "fc2"], spec)
     _calibrate(handle, net)
     qmin, qmax = spec.weight_qrange
     for name, quantizer in handle.layers.items():
@@ -76,21 +85,21 @@ def test_install_keeps_parameter_names_types_and_the_state_dict() -> None:
     net = _pruned_net()
     keys = list(net.state_dict())
     kinds = {name: type(m) for name, m in net.named_modules()}
-    handle = qb.install(net, ["conv1", "fc1"], qb.QuantSpec())
+    handle = install(net, ["conv1", "fc1"], QuantSpec())
     _calibrate(handle, net)
     assert list(net.state_dict()) == keys
     assert {name: type(m) for name, m in net.named_modules()} == kinds
     TinyNet().load_state_dict(net.state_dict(), strict=True)
-    assert set(qb.quantized_layers(net)) == {"conv1", "fc1"}
+    assert set(quantized_layers(net)) == {"conv1", "fc1"}
     handle.remove()
-    assert qb.quantized_layers(net) == {}
+    assert quantized_layers(net) == {}
 
 
 def test_fake_quant_off_is_the_float_model_and_on_changes_it() -> None:
     net = _pruned_net()
     x = torch.randn(8, 4, 4, 4)
     reference = net(x)
-    handle = qb.install(net, ["conv1", "fc1", "fc2"], qb.QuantSpec())
+    handle = install(net, ["conv1", "fc1", "fc2"], QuantSpec())
     assert torch.equal(net(x), reference)
     _calibrate(handle, net)
     quantized = net(x)
@@ -102,14 +111,14 @@ def test_fake_quant_off_is_the_float_model_and_on_changes_it() -> None:
 
 def test_state_round_trips_exactly_through_a_weights_only_load() -> None:
     net = _pruned_net()
-    handle = qb.install(net, ["conv1", "fc1", "fc2"], qb.QuantSpec(symmetric=False))
+    handle = install(net, ["conv1", "fc1", "fc2"], QuantSpec(symmetric=False))
     _calibrate(handle, net)
     buffer = io.BytesIO()
     torch.save(handle.state_dict(), buffer)
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
     other = _pruned_net()
-    restored = qb.restore(other, state)
+    restored = restore(other, state)
     assert restored.fake_quant_enabled
     assert not restored.observer_enabled
     for name, quantizer in handle.layers.items():
@@ -122,7 +131,7 @@ def test_state_round_trips_exactly_through_a_weights_only_load() -> None:
 
 def test_moving_average_and_running_minmax_observers() -> None:
     net = TinyNet()
-    handle = qb.install(net, ["conv1"], qb.QuantSpec())
+    handle = install(net, ["conv1"], QuantSpec())
     quantizer = handle.layers["conv1"]
     handle.set_phase(fake_quant=False, observe=True)
     net.train()
@@ -142,7 +151,7 @@ def test_moving_average_and_running_minmax_observers() -> None:
 
 def test_observer_sync_averages_ranges() -> None:
     net = TinyNet()
-    handle = qb.install(net, ["conv1", "fc1"], qb.QuantSpec())
+    handle = install(net, ["conv1", "fc1"], QuantSpec())
     _calibrate(handle, net)
     before = [t.clone() for t in handle.observer_tensors()]
     handle.sync_observers(lambda t: t * 0.5)
@@ -153,40 +162,40 @@ def test_observer_sync_averages_ranges() -> None:
 
 def test_a_layer_cannot_be_quantized_twice() -> None:
     net = TinyNet()
-    qb.install(net, ["fc1"], qb.QuantSpec())
-    with pytest.raises(qb.QuantizationError, match="layer 'fc1' is quantized already"):
-        qb.install(net, ["fc1"], qb.QuantSpec())
+    install(net, ["fc1"], QuantSpec())
+    with pytest.raises(QuantizationError, match="layer 'fc1' is quantized already"):
+        install(net, ["fc1"], QuantSpec())
 
 
 def test_only_conv_and_linear_layers_can_be_quantized() -> None:
-    with pytest.raises(qb.QuantizationError, match="'bn1' is not a Conv1d/2d/3d or Linear layer"):
-        qb.install(ConvBNNet(), ["bn1"], qb.QuantSpec())
+    with pytest.raises(QuantizationError, match="'bn1' is not a Conv1d/2d/3d or Linear layer"):
+        install(ConvBNNet(), ["bn1"], QuantSpec())
 
 
 def test_fake_quant_before_any_observation_is_an_error() -> None:
     net = TinyNet()
-    handle = qb.install(net, ["fc1"], qb.QuantSpec())
+    handle = install(net, ["fc1"], QuantSpec())
     handle.set_phase(fake_quant=True, observe=False)
-    with pytest.raises(qb.QuantizationError, match="layer 'fc1': fake quantization is on but"):
+    with pytest.raises(QuantizationError, match="layer 'fc1': fake quantization is on but"):
         net(torch.randn(2, 4, 4, 4))
 
 
 def test_a_state_for_other_layers_is_refused() -> None:
     net = TinyNet()
-    handle = qb.install(net, ["fc1"], qb.QuantSpec())
-    other = qb.install(TinyNet(), ["fc2"], qb.QuantSpec())
-    with pytest.raises(qb.QuantizationError, match=r"covers layers \['fc2'\].*quantizes \['fc1'\]"):
+    handle = install(net, ["fc1"], QuantSpec())
+    other = install(TinyNet(), ["fc2"], QuantSpec())
+    with pytest.raises(QuantizationError, match=r"covers layers \['fc2'\].*quantizes \['fc1'\]"):
         handle.load_state_dict(other.state_dict())
-    with pytest.raises(qb.QuantizationError, match=r"not a lightning_sparse\.quantization state"):
+    with pytest.raises(QuantizationError, match=r"not a lightning_sparse\.quantization state"):
         handle.load_state_dict({"layers": {}})
 
 
-def _int8_onnx(model: nn.Module, handle: qb.QuantizedModel, path: Path) -> None:
+def _int8_onnx(model: nn.Module, handle: QuantizedModel, path: Path) -> None:
     example = torch.randn(2, 4, 4, 4)
     with handle.disabled():
-        _, base = qb.export_onnx(model.eval(), example)
-    numbers = {f"{name}.weight": qb.onnx_layer_quant(q) for name, q in handle.layers.items()}
-    onnx.save(qb.quantize_onnx(base, numbers), str(path))
+        _, base = export_onnx(model.eval(), example)
+    numbers = {f"{name}.weight": onnx_layer_quant(q) for name, q in handle.layers.items()}
+    onnx.save(quantize_onnx(base, numbers), str(path))
 
 
 @pytest.mark.parametrize(("symmetric", "bias"), [(True, True), (False, True), (True, False)])
@@ -201,7 +210,7 @@ def test_int8_onnx_with_conv_bn_folding_computes_what_fake_quant_computes(
         net.bn1.weight.uniform_(0.5, 1.5)
         net.bn1.weight[0] = -0.8
         net.bn1.bias.uniform_(-0.2, 0.2)
-    handle = qb.install(net, ["conv1", "fc1"], qb.QuantSpec(symmetric=symmetric))
+    handle = install(net, ["conv1", "fc1"], QuantSpec(symmetric=symmetric))
     _calibrate(handle, net)
     path = tmp_path / "int8.onnx"
     _int8_onnx(net, handle, path)
@@ -211,7 +220,7 @@ def test_int8_onnx_with_conv_bn_folding_computes_what_fake_quant_computes(
     assert ("BatchNormalization" not in ops) == symmetric  # affine with gamma < 0 stays unfolded
     x = torch.randn(64, 4, 4, 4)
     expected = net(x).detach().numpy()
-    got = qb.OrtModel(path)(x.numpy())
+    got = OrtModel(path)(x.numpy())
     # the same integers and scales; only float rounding order differs
     assert np.abs(got - expected).max() < 0.02 * np.abs(expected).max()
     assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.95
@@ -219,7 +228,7 @@ def test_int8_onnx_with_conv_bn_folding_computes_what_fake_quant_computes(
 
 def test_onnx_runtime_runs_the_int8_graph_on_integer_kernels(tmp_path: Path) -> None:
     net = _pruned_net()
-    handle = qb.install(net, ["conv1", "fc1", "fc2"], qb.QuantSpec())
+    handle = install(net, ["conv1", "fc1", "fc2"], QuantSpec())
     _calibrate(handle, net)
     path = tmp_path / "int8.onnx"
     _int8_onnx(net, handle, path)
@@ -236,7 +245,7 @@ def test_onnx_runtime_runs_the_int8_graph_on_integer_kernels(tmp_path: Path) -> 
 def test_interleaved_latency_reports_a_median_per_model() -> None:
     calls: list[str] = []
     models = {"a": lambda x: calls.append("a"), "b": lambda x: calls.append("b")}
-    latency = qb.interleaved_latency_ms(models, np.zeros(1), runs=3, warmup=1)
+    latency = interleaved_latency_ms(models, np.zeros(1), runs=3, warmup=1)
     assert set(latency) == {"a", "b"}
     assert all(v >= 0 for v in latency.values())
     assert calls == ["a", "b"] * 4  # round-robin, warm-up included

@@ -16,7 +16,13 @@ from lightning_sparse.callbacks import ConstantPruning, MagnitudePruning
 from lightning_sparse.data import DigitsDataModule, SyntheticDataModule
 from lightning_sparse.models import SmallCNN
 from lightning_sparse.module import ClassificationModule
-from lightning_sparse.oneshot import OneShotPruning, OneShotStep, execute, oneshot, prepare
+from lightning_sparse.posttrain.oneshot import (
+    OneShotPruning,
+    OneShotStep,
+    execute,
+    oneshot,
+    prepare,
+)
 from tests.stage_helpers import one_thread, quiet_trainer
 
 pytestmark = pytest.mark.usefixtures(one_thread.__name__)

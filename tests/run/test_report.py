@@ -9,9 +9,10 @@ import pytest
 import torch
 from rich.console import Console
 
+from lightning_sparse.core.schedule import SparsitySchedule
 from lightning_sparse.models import SmallCNN
 from lightning_sparse.module import ClassificationModule
-from lightning_sparse.report import (
+from lightning_sparse.run.report import (
     STATUS_FAILED,
     STATUS_OK,
     SUMMARY_FILE,
@@ -31,7 +32,6 @@ from lightning_sparse.report import (
     write_json,
     write_summary,
 )
-from lightning_sparse.schedule import SparsitySchedule
 
 
 class FakePruning:

@@ -1,0 +1,356 @@
+"""Compare the runs of a sweep: table, Markdown report, Pareto front."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from hydra.experimental.callback import Callback as HydraCallback
+from omegaconf import DictConfig
+from typing_extensions import override
+
+from lightning_sparse.run import report
+
+__all__ = [
+    "LATENCY_KEYS",
+    "MARKDOWN_FILE",
+    "PLOT_FILE",
+    "SIZE_KEYS",
+    "RunRecord",
+    "SweepFailedError",
+    "SweepReport",
+    "collect_runs",
+    "mark_pareto_front",
+    "markdown_report",
+    "write_report",
+]
+
+log = logging.getLogger(__name__)
+
+MARKDOWN_FILE = "compare.md"
+PLOT_FILE = "pareto.png"
+
+# Where a summary keeps measured size and latency, first match wins: plain keys, or what
+# lightning_sparse.export measured (at the top level or under "export"); int8 latency before fp32.
+SIZE_KEYS = ("size_bytes", "compressed_bytes")
+LATENCY_KEYS = ("latency_ms", "ort_int8_ms", "ort_fp32_ms")
+
+# Folders a run writes inside itself; never runs of their own, so the search skips them.
+_NOT_RUNS = {"wandb", "checkpoints", "csv", "plots", "ranks", "lightning_logs"}
+
+
+class SweepFailedError(RuntimeError):
+    """Some jobs of a sweep failed (the others completed); the message names them."""
+
+
+@dataclass
+class RunRecord:
+    """One run of a sweep, as read back from its directory."""
+
+    job: str
+    run_dir: Path
+    status: str
+    overrides: list[str] = field(default_factory=list)
+    recipe: str | None = None
+    test_acc: float | None = None
+    sparsity: float | None = None
+    params_nonzero: int | None = None
+    size_bytes: float | None = None
+    latency_ms: float | None = None
+    error: str | None = None
+    pareto: bool = False
+
+    @property
+    def failed(self) -> bool:
+        """Whether the run produced no result."""
+        return self.status == report.STATUS_FAILED
+
+
+def _natural_key(text: str) -> list[Any]:
+    # Job 10 after job 9, not after job 1.
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def _is_run_dir(path: Path) -> bool:
+    return (path / report.SUMMARY_FILE).is_file() or (path / ".hydra" / "overrides.yaml").is_file()
+
+
+def _run_dirs(sweep_dir: Path) -> list[Path]:
+    found: list[Path] = []
+    for root, dirs, _ in os.walk(sweep_dir):
+        here = Path(root)
+        if _is_run_dir(here):
+            found.append(here)
+            dirs[:] = []  # a run's own subfolders are not runs
+            continue
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in _NOT_RUNS]
+    return sorted(found, key=lambda path: _natural_key(str(path.relative_to(sweep_dir))))
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def _choice(run_dir: Path, group: str) -> str | None:
+    """The option Hydra chose for ``group`` in this run (from ``.hydra/hydra.yaml``)."""
+    hydra_cfg = _read_yaml(run_dir / ".hydra" / "hydra.yaml")
+    try:
+        value = hydra_cfg["hydra"]["runtime"]["choices"][group]
+    except (KeyError, TypeError):
+        return None
+    return None if value is None else str(value)
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _read_run(sweep_dir: Path, run_dir: Path) -> RunRecord:
+    job = str(run_dir.relative_to(sweep_dir)) if run_dir != sweep_dir else run_dir.name
+    overrides = _read_yaml(run_dir / ".hydra" / "overrides.yaml")
+    record = RunRecord(
+        job=job,
+        run_dir=run_dir,
+        status=report.STATUS_FAILED,
+        overrides=[str(o) for o in overrides] if isinstance(overrides, list) else [],
+        recipe=_choice(run_dir, "recipe"),
+    )
+    path = run_dir / report.SUMMARY_FILE
+    if not path.is_file():
+        record.error = "no summary.json: the job crashed, was killed, or is still running"
+        return record
+    try:
+        summary = json.loads(path.read_text())
+        if not isinstance(summary, dict):
+            raise ValueError(f"expected a JSON object, got {type(summary).__name__}")
+    except (OSError, ValueError) as err:
+        record.error = f"unreadable summary.json: {err}"
+        return record
+    record.status = str(summary.get("status", report.STATUS_OK))
+    record.error = summary.get("error")
+    record.recipe = (summary.get("recipe") or {}).get("name") or record.recipe
+    record.test_acc = _number(summary.get("test_acc"))
+    record.sparsity = _number(summary.get("sparsity"))
+    nonzero = _number(summary.get("params_nonzero"))
+    record.params_nonzero = None if nonzero is None else int(nonzero)
+    export = summary.get("export")
+    export = export if isinstance(export, dict) else {}
+    record.size_bytes = _first_number(summary, export, SIZE_KEYS)
+    record.latency_ms = _first_number(summary, export, LATENCY_KEYS)
+    return record
+
+
+def _first_number(
+    summary: dict[str, Any], export: dict[str, Any], keys: Sequence[str]
+) -> float | None:
+    for key in keys:
+        for source in (summary, export):
+            value = _number(source.get(key))
+            if value is not None:
+                return value
+    return None
+
+
+def collect_runs(sweep_dir: str | Path) -> list[RunRecord]:
+    """Every run under ``sweep_dir`` (the dir itself, when it is a single run), in job order.
+
+    Raises:
+        FileNotFoundError: ``sweep_dir`` is not a directory.
+    """
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"{sweep_dir} is not a directory.")
+    records = [_read_run(sweep_dir, run_dir) for run_dir in _run_dirs(sweep_dir)]
+    mark_pareto_front(records)
+    return records
+
+
+def mark_pareto_front(records: Sequence[RunRecord]) -> list[RunRecord]:
+    """Set ``pareto`` on the completed runs no other run beats on both accuracy and size.
+
+    A run is dominated when another has accuracy at least as high and at most as many nonzero
+    parameters, and is strictly better in one of the two. Returns the front, smallest first.
+    """
+    scored = [
+        (r.test_acc, r.params_nonzero, r)
+        for r in records
+        if r.status == report.STATUS_OK and r.test_acc is not None and r.params_nonzero is not None
+    ]
+    for record in records:
+        record.pareto = False
+    front: list[RunRecord] = []
+    for accuracy, size, record in scored:
+        dominated = any(
+            other_acc >= accuracy
+            and other_size <= size
+            and (other_acc > accuracy or other_size < size)
+            for other_acc, other_size, _ in scored
+        )
+        if not dominated:
+            record.pareto = True
+            front.append(record)
+    return sorted(front, key=lambda r: r.params_nonzero or 0)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _percent(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.2f}%"
+
+
+def _size(value: float | None) -> str:
+    if value is None:
+        return "—"
+    for unit in ("B", "KiB", "MiB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def _first_line(error: str | None) -> str:
+    """The error's first non-empty line (a child process's error starts with a blank one)."""
+    lines = [line.strip() for line in (error or "").splitlines() if line.strip()]
+    return lines[0] if lines else "unknown error"
+
+
+def _common_overrides(records: Sequence[RunRecord]) -> list[str]:
+    if not records:
+        return []
+    common = set(records[0].overrides)
+    for record in records[1:]:
+        common &= set(record.overrides)
+    return [o for o in records[0].overrides if o in common]
+
+
+def markdown_report(records: Sequence[RunRecord], title: str = "Sweep") -> str:
+    """The comparison as markdown: a summary line, one table row per run, then the failures."""
+    failed = [r for r in records if r.failed]
+    runs = f"{len(records)} run{'' if len(records) == 1 else 's'}"
+    lines = [
+        f"# {title}",
+        "",
+        f"{runs}: {len(records) - len(failed)} completed, {len(failed)} failed.",
+    ]
+    common = _common_overrides(records) if len(records) > 1 else []
+    if common:
+        lines += ["", "Common overrides: " + " ".join(f"`{o}`" for o in common)]
+    columns = ["job", "status", "recipe", "overrides", "test acc", "sparsity", "nonzero params"]
+    with_size = any(r.size_bytes is not None for r in records)
+    with_latency = any(r.latency_ms is not None for r in records)
+    columns += ["size"] * with_size + ["latency (ms)"] * with_latency + ["Pareto"]
+    lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in records:
+        varying = [o for o in r.overrides if o not in common]
+        cells = [
+            r.job,
+            r.status,
+            r.recipe or "—",
+            " ".join(varying) or "—",
+            _percent(r.test_acc),
+            _percent(r.sparsity),
+            "—" if r.params_nonzero is None else f"{r.params_nonzero:,}",
+        ]
+        if with_size:
+            cells.append(_size(r.size_bytes))
+        if with_latency:
+            cells.append("—" if r.latency_ms is None else f"{r.latency_ms:.3f}")
+        cells.append("✓" if r.pareto else "")
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    if failed:
+        lines += ["", "## Failed jobs", ""]
+        for r in failed:
+            lines.append(f"- `{r.job}` ({r.run_dir}): {_cell(_first_line(r.error)[:300])}")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(
+    sweep_dir: str | Path, output_dir: str | Path | None = None, plot: bool = True
+) -> tuple[str, list[RunRecord], Path | None]:
+    """Collect the runs, write ``compare.md`` and ``pareto.png``; return text, runs and plot path.
+
+    Args:
+        sweep_dir: the sweep dir (or any folder holding runs).
+        output_dir: where the two files go; defaults to ``sweep_dir``.
+        plot: draw the Pareto plot (needs matplotlib; skipped without it).
+
+    Raises:
+        FileNotFoundError: ``sweep_dir`` is not a directory.
+    """
+    sweep_dir = Path(sweep_dir)
+    records = collect_runs(sweep_dir)
+    text = markdown_report(records, title=f"Sweep {sweep_dir}")
+    output = Path(output_dir) if output_dir is not None else sweep_dir
+    output.mkdir(parents=True, exist_ok=True)
+    (output / MARKDOWN_FILE).write_text(text)
+    plot_path: Path | None = None
+    if plot and report.plots_available():
+        points = [
+            (r.job, float(r.params_nonzero), r.test_acc, r.pareto)
+            for r in records
+            if r.status == report.STATUS_OK
+            and r.test_acc is not None
+            and r.params_nonzero is not None
+        ]
+        failed = sum(r.failed for r in records)
+        title = f"{sweep_dir.name}: accuracy vs nonzero params"
+        if failed:
+            title += f" ({failed} failed, not shown)"
+        plot_path = report.plot_pareto(points, output / PLOT_FILE, title=title)
+    elif plot:
+        log.info("matplotlib is not installed (extra `plots`): no Pareto plot.")
+    return text, records, plot_path
+
+
+class SweepReport(HydraCallback):
+    """Hydra callback: compare the sweep's runs when a multirun ends; fail if a job failed.
+
+    When it acts: ``on_multirun_end``, after every job of the sweep has run (it is not called when
+    the sweep itself could not start, e.g. an override naming no config key).
+
+    Args:
+        fail_on_failed_jobs: exit with status 1 (after printing a :class:`SweepFailedError`) when
+            any job failed.
+        plot: write ``pareto.png`` as well as ``compare.md``.
+    """
+
+    def __init__(self, fail_on_failed_jobs: bool = True, plot: bool = True) -> None:
+        self.fail_on_failed_jobs = fail_on_failed_jobs
+        self.plot = plot
+
+    @override
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        if not sweep_dir.is_dir():
+            return
+        text, records, _ = write_report(sweep_dir, plot=self.plot)
+        if not records:
+            return
+        print(text, flush=True)
+        failed = [r for r in records if r.failed]
+        if failed and self.fail_on_failed_jobs:
+            error = SweepFailedError(
+                f"{len(failed)} of {len(records)} sweep jobs failed: "
+                + "; ".join(f"job {r.job}: {_first_line(r.error).rstrip('.')}" for r in failed)
+                + f". The other jobs completed; see {sweep_dir / MARKDOWN_FILE}."
+            )
+            print(f"{type(error).__name__}: {error}", file=sys.stderr, flush=True)
+            # Hydra turns a callback's exceptions into warnings (exit code 0); SystemExit is not
+            # an Exception, so it passes through and the sweep's command fails as it should.
+            raise SystemExit(1) from error

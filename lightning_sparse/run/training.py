@@ -1,0 +1,617 @@
+"""One training job from a composed config: check, fit, test, export, report."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import (
+    Callback,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    RichProgressBar,
+)
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    SingleDeviceStrategy,
+    StrategyRegistry,
+)
+
+# Lightning exports its launchers only under a private name; it is the one way to tell whether the
+# trainer will start its other ranks itself by re-running the command line.
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_sparse.callbacks.base import CompressionCallback
+from lightning_sparse.deploy.export import export_model
+from lightning_sparse.run import report, tracking
+from lightning_sparse.run.baseline import (
+    BASELINES,
+    DenseSnapshot,
+    compression_start,
+    evaluate_accuracy,
+    quiet_kwargs,
+)
+from lightning_sparse.run.recipe import (
+    RecipeRecord,
+    check_against_model,
+    instantiate_recipe,
+    recipe_to_dict,
+    single_process,
+)
+from lightning_sparse.run.resume import RESUME_FILE, resume_config
+
+__all__ = [
+    "OBJECTIVE_KEYS",
+    "RANKS_DIR",
+    "RECIPE_FILE",
+    "ConfigError",
+    "check_baseline",
+    "check_strategy",
+    "objective_names",
+    "objective_values",
+    "run",
+]
+
+log = logging.getLogger(__name__)
+
+RECIPE_FILE = "recipe.yaml"
+RANKS_DIR = "ranks"
+# Summary keys a sweeper may optimise (`objectives: [...]` in the config).
+OBJECTIVE_KEYS = ("test_acc", "val_acc", "sparsity", "params_nonzero", "params_total")
+
+
+class ConfigError(ValueError):
+    """The run's configuration cannot work; the message names the config key and the fix."""
+
+
+def _is_rank_zero() -> bool:
+    # Set from the launcher's environment at import, so it is right before the Trainer has set up
+    # the process group (a DDP child process reports global rank 0 until then).
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def _is_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _run_dir(cfg: DictConfig) -> Path:
+    if cfg.get("output_dir"):
+        return Path(str(cfg.output_dir))
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def _recipe_name(cfg: DictConfig) -> str | None:
+    """The recipe option chosen on the command line (``recipe=gmp``), when run through Hydra."""
+    if not HydraConfig.initialized():
+        return None
+    name = HydraConfig.get().runtime.choices.get("recipe")
+    return str(name) if name is not None else None
+
+
+def _supports_whole_parameters(strategy: type) -> bool:
+    # DeepSpeed derives from DDPStrategy but shards parameters (ZeRO), so it is excluded by name.
+    return issubclass(strategy, (DDPStrategy, SingleDeviceStrategy)) and not issubclass(
+        strategy, DeepSpeedStrategy
+    )
+
+
+def check_strategy(trainer_kwargs: Mapping[str, Any]) -> None:
+    """Refuse a ``trainer.strategy`` that shards parameters (FSDP, DeepSpeed), before any work.
+
+    The compression callbacks refuse such strategies too, but only in ``setup``, after data and
+    model are built and processes launched; this check names the config key at once.
+
+    Raises:
+        ConfigError: the strategy keeps parameters sharded across processes; the message lists the
+            strategies that work.
+    """
+    strategy = trainer_kwargs.get("strategy", "auto")
+    # Unknown names are left to Lightning, whose error lists its registry.
+    if not isinstance(strategy, str) or strategy == "auto" or strategy not in StrategyRegistry:
+        return
+    strategy_class = StrategyRegistry[strategy]["strategy"]
+    if _supports_whole_parameters(strategy_class):
+        return
+    supported = sorted(
+        name
+        for name in StrategyRegistry.available_strategies()
+        if _supports_whole_parameters(StrategyRegistry[name]["strategy"])
+        and not name.startswith(("single_tpu", "single_xla", "xla"))
+    )
+    raise ConfigError(
+        f"trainer.strategy={strategy!r} ({strategy_class.__name__}) is not supported: compression "
+        "needs every parameter whole on each process (masks, sparsity measurement), and this "
+        "strategy shards them. Use trainer.strategy=ddp for several GPUs or nodes; supported: "
+        f"auto, {', '.join(supported)}."
+    )
+
+
+def _check_launch(trainer: pl.Trainer) -> None:
+    """Refuse a trainer that would start its own DDP processes inside a Hydra multirun.
+
+    Lightning starts ranks 1.. of ``strategy=ddp`` by re-running the command line; inside a
+    multirun that command is the whole sweep, so every rank would run every job.
+    """
+    if not _is_multirun():
+        return
+    if isinstance(getattr(trainer.strategy, "launcher", None), _SubprocessScriptLauncher):
+        raise ConfigError(
+            "trainer.strategy=ddp with several local processes cannot run inside a Hydra "
+            "multirun: Lightning starts the other ranks by re-running the command line, which "
+            "would re-run the whole sweep in each of them. In a local sweep give each job one "
+            "process (trainer=cpu or trainer=gpu; jobs in parallel with hydra/launcher=joblib); "
+            "on a cluster use hydra/launcher=slurm (one task per device) or torchrun, which "
+            "start every rank themselves."
+        )
+
+
+def objective_names(cfg: DictConfig) -> list[str]:
+    """The summary keys ``main`` returns to a sweeper (``objectives`` in the config).
+
+    Raises:
+        ConfigError: ``objectives`` is empty or names a key that is not in :data:`OBJECTIVE_KEYS`.
+    """
+    raw = cfg.get("objectives") or ["test_acc"]
+    names = [str(raw)] if isinstance(raw, str) else [str(name) for name in raw]
+    for name in names:
+        if name not in OBJECTIVE_KEYS:
+            raise ConfigError(
+                f"objectives: {name!r} is not a summary metric; choose from {OBJECTIVE_KEYS}."
+            )
+    return names
+
+
+def objective_values(
+    summary: Mapping[str, Any], names: Sequence[str]
+) -> float | list[float] | None:
+    """What a sweeper gets: one float, a list of floats (multi-objective), or None.
+
+    None stands for "no result" (a failed or interrupted run, or a metric that was not measured):
+    Hydra's Optuna sweeper records such a trial as failed and goes on, while a NaN in a
+    multi-objective list would make Optuna raise and stop the search.
+    """
+    if summary.get("status", report.STATUS_OK) != report.STATUS_OK:
+        return None
+    values: list[float] = []
+    for name in names:
+        value = summary.get(name)
+        if value is None or not math.isfinite(float(value)):
+            return None
+        values.append(float(value))
+    return values[0] if len(values) == 1 else values
+
+
+def check_baseline(cfg: DictConfig, trainer_kwargs: Mapping[str, Any]) -> str | None:
+    """The ``baseline`` to report (:mod:`lightning_sparse.baseline`), checked before any work.
+
+    Raises:
+        ConfigError: an unknown value, or ``train`` with several processes.
+    """
+    baseline = cfg.get("baseline")
+    if baseline is None:
+        return None
+    if baseline not in BASELINES:
+        raise ConfigError(
+            f"`baseline`={baseline!r} is not allowed; choose one of {BASELINES} or null."
+        )
+    if baseline == "train" and not single_process(trainer_kwargs):
+        devices = trainer_kwargs.get("devices", 1)
+        raise ConfigError(
+            f"`baseline`=train trains the dense model in this job, on one process; with "
+            f"trainer.devices={devices!r} and trainer.num_nodes="
+            f"{trainer_kwargs.get('num_nodes', 1)} use baseline=snapshot, or run recipe=dense as "
+            "a job of its own."
+        )
+    return str(baseline)
+
+
+def _loggers(cfg: DictConfig) -> list[Logger]:
+    nodes = cfg.get("logger") or {}
+    return [instantiate(node) for node in nodes.values() if node and "_target_" in node]
+
+
+def _progress_bar(trainer_kwargs: dict[str, Any]) -> list[Callback]:
+    """A rich bar in a terminal; no bar in logs and pipes unless the trainer config asks for one."""
+    interactive = sys.stdout.isatty()
+    wanted = trainer_kwargs.pop("enable_progress_bar", None)
+    show = interactive if wanted is None else bool(wanted)
+    trainer_kwargs["enable_progress_bar"] = show
+    return [RichProgressBar()] if show and interactive else []
+
+
+def _metric(metrics: Mapping[str, Any], key: str) -> float | None:
+    value = metrics.get(key)
+    return None if value is None else float(value)
+
+
+def _job_config(cfg: DictConfig, resolve: bool = True) -> dict[str, Any]:
+    """The job's config as plain data (interpolations resolved or kept), without Hydra's node."""
+    keys = [str(key) for key in cfg if key != "hydra"]
+    data = OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=resolve)
+    assert isinstance(data, dict)
+    return {str(key): value for key, value in data.items()}
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run one job from a composed config (``conf/train.yaml``); return its summary.
+
+    Args:
+        cfg: the composed config. ``output_dir`` (or Hydra's run dir) receives the outputs. With
+            ``resume``, the run it names continues with its stored config
+            (:mod:`lightning_sparse.resume`).
+
+    Returns:
+        The summary also written to ``<run dir>/summary.json`` (on rank zero).
+
+    Raises:
+        ConfigError: ``trainer.strategy`` shards parameters, ``objectives`` names an unknown
+            metric, or local DDP processes were asked for inside a multirun; raised before any
+            training and before any file of the run is written.
+        lightning_sparse.recipe.RecipeError: the recipe is invalid; raised likewise.
+        lightning_sparse.resume.ResumeError: ``resume`` cannot continue the run it names.
+    """
+    recipe_name = _recipe_name(cfg)
+    if cfg.get("resume"):
+        cfg, recipe_name = resume_config(cfg)
+    pl.seed_everything(int(cfg.seed), workers=True)
+    trainer_kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
+    check_strategy(trainer_kwargs)
+    objective_names(cfg)
+    baseline = check_baseline(cfg, trainer_kwargs)
+    if cfg.get("oneshot"):
+        raise ConfigError(
+            f"`oneshot` holds one-shot steps ({', '.join(cfg.oneshot)}), which `train` does not "
+            "run: use `python -m lightning_sparse.oneshot ckpt_path=<trained run> "
+            "recipe=<the same recipe>`, or a training recipe here (recipe=gmp, ...)."
+        )
+    recipe = recipe_to_dict(cfg.get("recipe"))
+    recipe_callbacks = instantiate_recipe(recipe, trainer_kwargs)
+
+    datamodule: pl.LightningDataModule = instantiate(cfg.data)
+    module: pl.LightningModule = instantiate(cfg.model)
+    check_against_model(recipe_callbacks, module)
+    _check_data_fits_model(datamodule, module)
+
+    run_dir = _run_dir(cfg)
+    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True)
+    history = report.SparsityHistory()
+    loggers = _loggers(cfg)
+    start = compression_start(recipe_callbacks.values())
+    snapshot = DenseSnapshot(start) if baseline == "snapshot" and start > 0 else None
+    callbacks: list[Callback] = [
+        *([snapshot] if snapshot else []),  # first: it keeps the weights before any technique acts
+        *recipe_callbacks.values(),
+        history,  # after the techniques, so it measures what they applied
+        # The recipe, and the whole config that `resume=` continues with, in every checkpoint.
+        RecipeRecord(recipe_name, recipe, config=_job_config(cfg, resolve=False)),
+        checkpoint,
+        *([LearningRateMonitor(logging_interval="epoch")] if loggers else []),
+        *_progress_bar(trainer_kwargs),
+    ]
+    trainer = pl.Trainer(**trainer_kwargs, callbacks=callbacks, logger=loggers or False)
+    _check_launch(trainer)
+
+    try:
+        summary = _fit_test_report(
+            cfg,
+            trainer,
+            module,
+            datamodule,
+            recipe_name,
+            recipe,
+            recipe_callbacks,
+            history,
+            loggers,
+            baseline=lambda: _baseline(
+                cfg, baseline, snapshot, trainer, module, datamodule, trainer_kwargs
+            ),
+        )
+    except BaseException as err:
+        tracking.finish(loggers, error=err)
+        raise
+    tracking.finish(loggers)
+    return summary
+
+
+def _check_data_fits_model(datamodule: pl.LightningDataModule, module: pl.LightningModule) -> None:
+    """Have the data in place and its class count matching the model's, before anything is written.
+
+    Lightning would find both out itself, but only after the run dir holds a recipe and a config.
+    """
+    if _is_rank_zero():
+        datamodule.prepare_data()  # a missing data set fails here, naming its path and the fix
+    data_classes = getattr(datamodule, "num_classes", None)
+    model_classes = getattr(module, "num_classes", None)
+    if data_classes is not None and model_classes is not None and data_classes != model_classes:
+        raise ConfigError(
+            f"`data.num_classes`={data_classes} but the model predicts `model.num_classes`="
+            f"{model_classes} classes; make them equal (model configs interpolate "
+            "${data.num_classes} unless overridden)."
+        )
+
+
+def _fit_test_report(
+    cfg: DictConfig,
+    trainer: pl.Trainer,
+    module: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    recipe_name: str | None,
+    recipe: dict[str, dict[str, Any]],
+    recipe_callbacks: Mapping[str, Callback],
+    history: report.SparsityHistory,
+    loggers: Sequence[Logger],
+    baseline: Callable[[], dict[str, Any]],
+) -> dict[str, Any]:
+    """Write recipe and environment, fit, test, then summary, plots, trackers and rank report.
+
+    ``baseline`` gives the dense accuracy's summary entries (every rank, after a complete run).
+    """
+    run_dir = _run_dir(cfg)
+    checkpoint = trainer.checkpoint_callback
+    assert isinstance(checkpoint, ModelCheckpoint)
+    environment = report.environment_info()
+    wrote: list[str] = []  # what this rank wrote into the run dir: rank zero only, checked by tests
+    if _is_rank_zero():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create(recipe), run_dir / RECIPE_FILE)
+        report.write_json(environment, run_dir / report.ENVIRONMENT_FILE)
+        wrote += [RECIPE_FILE, report.ENVIRONMENT_FILE]
+        if cfg.get("resume"):
+            resumed = {"checkpoint": cfg.ckpt_path, "config": _job_config(cfg, resolve=False)}
+            OmegaConf.save(OmegaConf.create(resumed), run_dir / RESUME_FILE)
+            wrote.append(RESUME_FILE)
+        config = _job_config(cfg)
+        for logger in loggers:  # the whole resolved config, recipe included, to every logger
+            logger.log_hyperparams(config)
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    val_acc = _metric(trainer.callback_metrics, "val/acc")
+    test_acc: float | None = None
+    status = report.STATUS_OK
+    if trainer.interrupted:
+        status = report.STATUS_INTERRUPTED
+        log.warning("Training was interrupted; skipping the test and reporting what was trained.")
+    else:
+        # The module, not a checkpoint: test the final (fully pruned) weights, not a "best" epoch
+        # that may predate the last pruning step.
+        results = trainer.test(module, datamodule=datamodule, verbose=False)
+        test_acc = _metric(results[0] if results else {}, "test/acc")
+
+    summary = report.build_summary(
+        module,
+        trainer.callbacks,  # type: ignore[attr-defined]
+        test_acc=test_acc,
+        val_acc=val_acc,
+        seed=int(cfg.seed),
+        epochs=trainer.current_epoch,
+        recipe_name=recipe_name,
+        recipe=recipe,
+        checkpoint=checkpoint.last_model_path or None,
+        run_dir=run_dir,
+        status=status,
+        environment=environment,
+    )
+    if cfg.get("resume"):
+        summary["resumed_from"] = str(cfg.ckpt_path)
+    if status == report.STATUS_OK:
+        summary.update(baseline())
+    if trainer.is_global_zero:
+        if cfg.get("export", True) and status == report.STATUS_OK:
+            # ONNX fp32 (and int8 after QAT) and the compressed checkpoint, measured with ONNX
+            # Runtime; rank zero only, with no collectives, so other ranks need not wait.
+            summary.update(export_model(module, datamodule, run_dir / "export"))
+            wrote.append("export")
+        report.write_summary(summary, run_dir)
+        wrote.append(report.SUMMARY_FILE)
+        images = _plots(summary, recipe_callbacks, history, trainer, run_dir)
+        files = [
+            Path(summary["checkpoint"]) if summary["checkpoint"] else None,
+            run_dir / report.SUMMARY_FILE,
+            run_dir / RECIPE_FILE,
+            run_dir / report.ENVIRONMENT_FILE,
+            run_dir / ".hydra" / "config.yaml",
+            *sorted((run_dir / "export").glob("*")),  # exported models, when a run exports
+        ]
+        tracking.log_results(loggers, summary, [f for f in files if f is not None], images)
+        report.print_summary(summary)
+    if cfg.get("debug", {}).get("rank_report"):
+        _write_rank_report(trainer, module, recipe_callbacks, run_dir, val_acc, wrote)
+    return summary
+
+
+def _baseline(
+    cfg: DictConfig,
+    baseline: str | None,
+    snapshot: DenseSnapshot | None,
+    trainer: pl.Trainer,
+    module: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    trainer_kwargs: Mapping[str, Any],
+) -> dict[str, Any]:
+    """``dense_test_acc`` and how it was measured (``dense_baseline``), or nothing."""
+    if baseline == "snapshot":
+        dense = snapshot.model(module) if snapshot is not None else None
+        if dense is None:
+            log.info("baseline=snapshot: the recipe compresses from epoch 0, so no dense snapshot.")
+            return {"dense_test_acc": None, "dense_baseline": {"kind": "snapshot", "epoch": None}}
+        assert snapshot is not None
+        return {
+            "dense_test_acc": evaluate_accuracy(trainer, dense, datamodule),
+            "dense_baseline": {"kind": "snapshot", "epoch": snapshot.taken_at},
+        }
+    if baseline == "train":
+        # Built in the order `run` builds them after the same seed: a `recipe=dense` run's model.
+        pl.seed_everything(int(cfg.seed), workers=True)
+        dense_data: pl.LightningDataModule = instantiate(cfg.data)
+        dense_model: pl.LightningModule = instantiate(cfg.model)
+        log.info("baseline=train: training the dense model with the same settings.")
+        dense_trainer = pl.Trainer(**quiet_kwargs(trainer_kwargs))
+        dense_trainer.fit(dense_model, datamodule=dense_data)
+        return {
+            "dense_test_acc": evaluate_accuracy(dense_trainer, dense_model, dense_data),
+            "dense_baseline": {"kind": "train", "epochs": dense_trainer.current_epoch},
+        }
+    return {}
+
+
+def _plots(
+    summary: Mapping[str, Any],
+    recipe_callbacks: Mapping[str, Callback],
+    history: report.SparsityHistory,
+    trainer: pl.Trainer,
+    run_dir: Path,
+) -> list[Path]:
+    """Per-layer sparsity and the sparsity schedule as PNGs in ``<run dir>/plots`` (rank zero)."""
+    if not report.plots_available():
+        log.info("matplotlib is not installed (extra `plots`): no plots.")
+        return []
+    plots = run_dir / report.PLOTS_DIR
+    images = [
+        report.plot_sparsity_per_layer(
+            summary["sparsity_per_layer"], plots / "sparsity_per_layer.png"
+        )
+    ]
+    # Any technique that declares a target curve gets one.
+    schedules = {
+        name: functools.partial(_target_sparsity, technique)
+        for name, technique in recipe_callbacks.items()
+        if isinstance(technique, CompressionCallback) and technique.target_curve([0.0]) is not None
+    }
+    if schedules or history.history:
+        max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 0
+        images.append(
+            report.plot_sparsity_schedule(
+                history.history, schedules, max_epochs, plots / "sparsity_schedule.png"
+            )
+        )
+    return images
+
+
+def _target_sparsity(technique: CompressionCallback, epochs: list[float]) -> list[float]:
+    curve = technique.target_curve(epochs) or {}
+    return next(iter(curve.values()), [0.0] * len(epochs))
+
+
+def _write_rank_report(
+    trainer: pl.Trainer,
+    module: pl.LightningModule,
+    recipe_callbacks: Mapping[str, Callback],
+    run_dir: Path,
+    val_acc: float | None,
+    wrote: list[str],
+) -> None:
+    """``<run dir>/ranks/rank<r>.json``: what this rank holds, to compare across DDP ranks.
+
+    Written by every rank when ``debug.rank_report=true``: digests of each technique's masks and
+    of the module's state, the metrics as this rank sees them, and the files it wrote.
+    """
+    masks: dict[str, str] = {}
+    for entry, callback in recipe_callbacks.items():
+        technique_masks = callback.masks if isinstance(callback, CompressionCallback) else {}
+        for name, mask in technique_masks.items():
+            masks[f"{entry}/{name}"] = report.tensor_digest(mask)
+    # Each technique's whole resumable state (quantization scales, a distillation teacher, ...).
+    states = {
+        entry: report.weights_digest(_flatten_state(callback.state_dict()))
+        for entry, callback in recipe_callbacks.items()
+    }
+    metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
+    report.write_json(
+        {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "masks": masks,
+            "states": states,
+            "state_dict": report.weights_digest(module.state_dict()),
+            "val_acc": val_acc,
+            "metrics": metrics,
+            "wrote": wrote,
+        },
+        run_dir / RANKS_DIR / f"rank{trainer.global_rank}.json",
+    )
+
+
+def _flatten_state(state: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Tensors of a nested callback state by path; other leaves as the bytes of their repr."""
+    if isinstance(state, torch.Tensor):
+        return {prefix: state}
+    items: Any = None
+    if isinstance(state, Mapping):
+        items = state.items()
+    elif isinstance(state, (list, tuple)):
+        items = enumerate(state)
+    if items is None:
+        return {prefix: torch.tensor(list(repr(state).encode()), dtype=torch.uint8)}
+    flat: dict[str, torch.Tensor] = {}
+    for key, value in items:
+        flat.update(_flatten_state(value, f"{prefix}/{key}"))
+    return flat
+
+
+def _record_failure(cfg: DictConfig, error: BaseException) -> None:
+    """Write ``summary.json`` with ``status: failed`` (rank zero); never raises over ``error``."""
+    if not _is_rank_zero():
+        return
+    try:
+        seed = cfg.get("seed")
+        run_dir = _run_dir(cfg)
+        summary = report.failure_summary(
+            error,
+            seed=int(seed) if isinstance(seed, int) else None,
+            recipe_name=_recipe_name(cfg),
+            run_dir=run_dir,
+            environment=report.environment_info(),
+        )
+        report.write_summary(summary, run_dir)
+    except Exception as record_error:
+        log.error("Could not record the failure in summary.json: %s", record_error)
+
+
+def _close_process_group() -> None:
+    """Destroy the DDP process group at the end of a successful run (a no-op without one).
+
+    Lightning leaves it open; torch then tears gloo down during interpreter exit, where its worker
+    threads can abort the process ("terminate called without an active exception") after all the
+    work was done and written. Only after success: a collective cleanup while another rank is
+    failing could hang.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def run_job(cfg: DictConfig) -> float | list[float] | None:
+    """One job as the entry point runs it: :func:`run`, a failure recorded, the objectives returned.
+
+    Returns:
+        ``objectives`` from the summary: a float for one, a list for several (multi-objective
+        Optuna search), None for a failed job in a multirun.
+
+    Raises:
+        Exception: whatever the job raised, in a single run (after recording it in summary.json).
+    """
+    try:
+        summary = run(cfg)
+        _close_process_group()
+    except Exception as err:
+        _record_failure(cfg, err)
+        if not _is_multirun():
+            raise
+        # One failed job must not stop a sweep: Hydra would re-raise it after the batch (and the
+        # Optuna sweeper stop the search); SweepReport reports it at the end instead.
+        log.error("Job failed; recorded in summary.json, the sweep goes on.", exc_info=True)
+        return None
+    return objective_values(summary, objective_names(cfg))
