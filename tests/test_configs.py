@@ -79,7 +79,7 @@ def test_the_groups_ship_what_the_readme_promises() -> None:
         "mnist",
         "synthetic",
     ]
-    assert options("model") == ["cnn", "mlp", "mobilenet_v3_small", "resnet18"]
+    assert options("model") == ["cnn", "lenet5", "mlp", "mobilenet_v3_small", "resnet18"]
     assert options("trainer") == ["cpu", "ddp", "ddp_sim", "gpu"]
     assert options("logger") == ["csv", "wandb"]
     assert set(options("recipe")) >= {
