@@ -77,6 +77,7 @@ def test_the_groups_ship_what_the_readme_promises() -> None:
         "fashion_mnist",
         "image_folder",
         "mnist",
+        "mnist5k",
         "synthetic",
     ]
     assert options("model") == ["cnn", "lenet5", "mlp", "mobilenet_v3_small", "resnet18"]
