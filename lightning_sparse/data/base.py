@@ -13,7 +13,13 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from lightning_sparse.data.augment import RandomShift
 from lightning_sparse.data.resumable import train_sampler
 
-__all__ = ["TensorDataModule", "check_classes", "select_classes", "stratified_split"]
+__all__ = [
+    "TensorDataModule",
+    "check_classes",
+    "check_fractions",
+    "select_classes",
+    "stratified_split",
+]
 
 
 class TensorDataModule(LightningDataModule):
@@ -148,6 +154,22 @@ def check_classes(
             f"classes); set num_classes={len(chosen)} (with Hydra: data.num_classes={len(chosen)})."
         )
     return chosen
+
+
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
+    """Validate the shares of all samples held out for validation and for testing.
+
+    Raises:
+        ValueError: a share outside (0, 1), or both together leaving nothing to train on.
+    """
+    for field, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0 < value < 1:
+            raise ValueError(f"`{field}`={value!r} is not allowed; it must be in (0, 1).")
+    if val_fraction + test_fraction >= 1:
+        raise ValueError(
+            f"`val_fraction` + `test_fraction` = {val_fraction + test_fraction:g} leaves no "
+            "training data; their sum must be < 1."
+        )
 
 
 def select_classes(

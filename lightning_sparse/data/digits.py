@@ -10,7 +10,13 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import TensorDataset
 
-from lightning_sparse.data.base import TensorDataModule, as_dataset, check_classes, select_classes
+from lightning_sparse.data.base import (
+    TensorDataModule,
+    as_dataset,
+    check_classes,
+    check_fractions,
+    select_classes,
+)
 
 __all__ = ["DIGITS_SHAPE", "DigitsDataModule"]
 
@@ -69,14 +75,7 @@ class DigitsDataModule(TensorDataModule):
         if int(max_shift) < 0:
             raise ValueError(f"`max_shift`={max_shift!r} is not allowed; it must be >= 0.")
         chosen = check_classes(classes, num_classes, available=10)
-        for field, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            if not 0 < value < 1:
-                raise ValueError(f"`{field}`={value!r} is not allowed; it must be in (0, 1).")
-        if val_fraction + test_fraction >= 1:
-            raise ValueError(
-                f"`val_fraction` + `test_fraction` = {val_fraction + test_fraction:g} leaves no "
-                "training data; their sum must be < 1."
-            )
+        check_fractions(val_fraction, test_fraction)
         count = len(chosen) if chosen is not None else 10
         super().__init__(count, DIGITS_SHAPE, batch_size, seed, num_workers)
         self.classes = chosen
