@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_sparse.core.targets import prunable_parameters
 from lightning_sparse.models import LeNet5
 from lightning_sparse.module import ClassificationModule
-from lightning_sparse.targets import prunable_parameters
 from tests.helpers import quiet_trainer
 
 
