@@ -302,13 +302,14 @@ def _override(node: yaml.Node | None, overrides: Mapping[str, Any]) -> None:
     """Set recipe variables in the YAML node tree, before anything is constructed.
 
     A variable's value node is shared with every ``*alias`` of its ``&anchor``, so the new value
-    reaches those uses too (SparseML's own overrides missed them). Top-level variables and those
-    of every stage of that name are set; a name that is no variable is an error.
+    reaches those uses too (SparseML's own overrides missed them). Variables of that name at the
+    top, in every stage and in their ``args`` are set (never a modifier's field); a name that is
+    no variable is an error.
     """
     found: set[str] = set()
 
     def visit(mapping: yaml.Node, depth: int) -> None:
-        if not isinstance(mapping, yaml.MappingNode) or depth > 1:
+        if not isinstance(mapping, yaml.MappingNode) or depth > 2:
             return
         for key_node, value_node in mapping.value:
             key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else ""
@@ -323,7 +324,7 @@ def _override(node: yaml.Node | None, overrides: Mapping[str, Any]) -> None:
                 value_node.tag = f"tag:yaml.org,2002:{'str' if isinstance(value, str) else kind}"
                 value_node.value = str(value)
                 found.add(key)
-            elif isinstance(value_node, yaml.MappingNode):
+            elif isinstance(value_node, yaml.MappingNode) and not _is_group(key):
                 visit(value_node, depth + 1)
 
     if node is not None:
@@ -981,7 +982,8 @@ def _build_lr(mod: _Modifier, ctx: _Context) -> None:
         lr_class == "CosineAnnealingWarmRestarts"
         and cycle is not None
         and ctx.run_end is not None
-        and _number(cycle, f"{mod.where}.lr_kwargs.cycle_epochs") >= ctx.run_end - mod.start - _EPS
+        and _number(cycle, f"{mod.where}.lr_kwargs.cycle_epochs") + max(0.0, mod.start)
+        >= ctx.run_end - _EPS
     )
     if not (single_cosine and _whole_run(mod, ctx)) or a.get("init_lr") is None:
         raise RecipeImportError(
@@ -1382,7 +1384,14 @@ def convert(
         f"# Converted from the SparseML recipe {path.name} (lightning_sparse.run.sparseml).",
     ]
     for note in imported.notes:
-        lines += textwrap.wrap(note, 98, initial_indent="# Note: ", subsequent_indent="#   ")
+        lines += textwrap.wrap(
+            note,
+            98,
+            initial_indent="# Note: ",
+            subsequent_indent="#   ",
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
     body = {k: v for k, v in imported.config.items() if v}
     text = yaml.safe_dump(body, sort_keys=False, default_flow_style=False, width=100)
     return "\n".join(lines) + "\n" + text
