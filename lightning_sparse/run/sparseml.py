@@ -609,6 +609,9 @@ def _mask_type(value: Any, where: str) -> str:
         "supported: 'unstructured', 'N:M' (e.g. '2:4'), 'tensorrt' (2:4), 'block4'/'block' or "
         "[1, B] (B consecutive input weights), 'filter' (whole output channels)"
     )
+    shape = re.fullmatch(r"\s*[\[(]\s*(-?\d+)\s*,\s*(-?\d+)\s*[\])]\s*", str(value))
+    if shape:  # SparseML also read block shapes written as strings, "[1, 4]"
+        value = [int(shape.group(1)), int(shape.group(2))]
     if isinstance(value, list):
         if len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             if value == [1, 1]:

@@ -669,6 +669,7 @@ def test_a_later_stage_moves_and_an_earlier_to_the_end_stops_at_its_stage(
         ("block4", "block4"),
         ("[1, 4]", "block4"),
         ("[1, 8]", "block8"),
+        ('"[1,4]"', "block4"),
         ('"2:4"', "2:4"),
         ('"1:8"', "1:8"),
         ("tensorrt", "2:4"),
