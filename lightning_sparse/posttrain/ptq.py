@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_sparse.callbacks.quantization import _check_ignore, _check_spec, select_layers
+from lightning_sparse.core.batch import model_inputs, to_device
 from lightning_sparse.core.fake_quant import (
     QuantizedModel,
     QuantSpec,
@@ -24,18 +25,6 @@ __all__ = [
     "ptq_calibrate",
     "ptq_check",
 ]
-
-
-def _inputs(batch: Any) -> torch.Tensor:
-    """The model input of a batch: the batch itself or its first element (``(inputs, labels)``)."""
-    if isinstance(batch, (list, tuple)):
-        batch = batch[0]
-    if not isinstance(batch, torch.Tensor):
-        raise TypeError(
-            f"ptq expects batches that are a tensor or (inputs, ...) with tensor inputs; got "
-            f"{type(batch).__name__}."
-        )
-    return batch
 
 
 def ptq(
@@ -177,7 +166,7 @@ def ptq_calibrate(
     try:
         with handle.calibrating():
             for batch in batches:
-                module(_inputs(batch).to(device))
+                module(to_device(model_inputs(batch), device))
                 seen += 1
     except BaseException:
         handle.remove()
