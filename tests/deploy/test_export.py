@@ -249,7 +249,7 @@ def test_a_checkpoint_of_another_model_names_the_first_mismatched_key(tmp_path: 
     del wider.model.fc2
     with pytest.raises(CheckpointMismatchError, match=r"'model.fc2.weight' is in the checkpoint"):
         load_checkpoint(wider, path)
-    with pytest.raises(FileNotFoundError, match=r"`ckpt_path`='.*nope.ckpt' is not a file"):
+    with pytest.raises(FileNotFoundError, match=r"`ckpt_path`='.*nope.ckpt': not found"):
         load_checkpoint(mlp, tmp_path / "nope.ckpt")
 
 
