@@ -25,22 +25,31 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from lightning_sparse.run.recipe import config_dir
-from lightning_sparse.run.training import run_job
+from lightning_sparse.run.cli import config_dir, precheck_command_line
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
-def main(cfg: DictConfig) -> float | list[float] | None:
-    """Console entry point (``lightning-sparse-train``); returns the objectives for sweepers.
+def app(cfg: DictConfig) -> float | list[float] | None:
+    """The Hydra app: one job from the composed config; returns the objectives for sweepers.
 
     Returns:
         ``objectives`` from the summary: a float for one, a list for several (multi-objective
         Optuna search), None for a failed job in a multirun.
 
     Raises:
-        Exception: whatever the job raised, in a single run (after recording it in summary.json).
+        Exception: an unexpected error, in a single run (after recording it in summary.json); an
+            error in the config or a path ends the process with its message instead (exit 1).
     """
+    # Imported here, not at the top: `--help` and a misspelled override answer without torch.
+    from lightning_sparse.run.training import run_job
+
     return run_job(cfg)
+
+
+def main() -> None:
+    """Console entry point (``lightning-sparse-train``): check the command line, run the app."""
+    precheck_command_line("train")
+    app()
 
 
 if __name__ == "__main__":
