@@ -35,6 +35,7 @@ from typing_extensions import override
 
 from lightning_sparse.callbacks.base import MASKS, CompressionCallback
 from lightning_sparse.core.targets import prunable_parameters
+from lightning_sparse.run.console import show, show_line
 
 __all__ = [
     "ENVIRONMENT_FILE",
@@ -54,6 +55,7 @@ __all__ = [
     "print_summary",
     "pruned_parameter_names",
     "sparsity_stats",
+    "summary_footer",
     "summary_table",
     "tensor_digest",
     "weights_digest",
@@ -184,6 +186,8 @@ def build_summary(
         "epochs": int(epochs),
         "params_total": params_total,
         "params_nonzero": params_nonzero,
+        # Equal digests mean bit-identical final weights (e.g. two runs with the same seed).
+        "weights_digest": weights_digest(model.state_dict()),
         "checkpoint": checkpoint,
         "run_dir": str(run_dir),
         "environment": dict(environment) if environment is not None else None,
@@ -229,14 +233,18 @@ def write_json(data: Mapping[str, Any], path: str | Path) -> Path:
     """Write ``data`` as JSON to ``path`` atomically; return the path.
 
     A reader (a sweep's comparison, a dashboard) never sees a half-written file: the JSON goes to a
-    temporary file in the same directory, which then replaces the target in one step.
+    temporary file in the same directory, which then replaces the target in one step. The file
+    gets the permissions the umask gives any new file (a temporary file is private, 0600).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, tmp_name = tempfile.mkstemp(
         prefix=f".{path.stem}-", suffix=".json", dir=path.parent
     )
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.fchmod(descriptor, 0o666 & ~umask)
         with os.fdopen(descriptor, "w") as handle:
             json.dump(data, handle, indent=2, sort_keys=False)
             handle.write("\n")
@@ -289,7 +297,8 @@ def environment_info() -> dict[str, Any]:
 
     ``git.commit`` is ``unknown`` when the package is not in a git checkout (an installed wheel);
     ``git.dirty`` tells whether tracked files differ from that commit. Backends that are not
-    installed are recorded as ``null``.
+    installed are recorded as ``null``. ``threads`` is torch's intra-op thread count in force
+    (the ``threads`` config value, set before any work).
     """
     package_dir = Path(__file__).resolve().parent
     return {
@@ -300,6 +309,9 @@ def environment_info() -> dict[str, Any]:
         "backends": {name: _version(name) for name in _BACKEND_PACKAGES},
         "cuda": torch.version.cuda,
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        # Results depend on the thread count (reduction order), so a rerun must match it.
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
     }
 
 
@@ -370,6 +382,9 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
     )
     table.add_row("epochs", str(summary.get("epochs")))
     table.add_row("seed", str(summary.get("seed")))
+    threads = (summary.get("environment") or {}).get("threads")
+    if threads is not None:
+        table.add_row("threads (torch intra-op)", str(threads))
     if summary.get("compressed_bytes") is not None:
         table.add_section()
         table.add_row("ONNX Runtime fp32 accuracy", _percent(summary.get("onnx_fp32_acc")))
@@ -389,12 +404,22 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
     table.add_section()
     for name, value in (summary.get("sparsity_per_layer") or {}).items():
         table.add_row(f"  {name}", _percent(value))
-    table.add_section()
+    return table
+
+
+def summary_footer(summary: Mapping[str, Any]) -> list[str]:
+    """The lines printed under the table: the run dir and the git commit, whole at any width.
+
+    They are what ``resume=``, ``ckpt_path=`` and a rerun need, so they are never cut to a
+    table cell.
+    """
+    lines = []
+    if summary.get("run_dir"):
+        lines.append(f"run dir: {summary['run_dir']}")
     git = (summary.get("environment") or {}).get("git") or {}
     if git:
-        table.add_row("git commit", f"{git.get('commit')}{' (dirty)' if git.get('dirty') else ''}")
-    table.add_row("run dir", str(summary.get("run_dir")))
-    return table
+        lines.append(f"git commit: {git.get('commit')}{' (dirty)' if git.get('dirty') else ''}")
+    return lines
 
 
 def _add_dense_rows(table: Table, summary: Mapping[str, Any]) -> None:
@@ -423,8 +448,14 @@ def _add_dense_rows(table: Table, summary: Mapping[str, Any]) -> None:
 
 
 def print_summary(summary: Mapping[str, Any], console: Console | None = None) -> None:
-    """Print :func:`summary_table` in one console print (call it on rank zero only)."""
-    (console or Console()).print(summary_table(summary))
+    """Print :func:`summary_table`, then :func:`summary_footer` (call it on rank zero only).
+
+    The same text goes to the run's log file.
+    """
+    console = console or Console()
+    show(summary_table(summary), console)
+    for line in summary_footer(summary):
+        show_line(line, console)
 
 
 def plots_available() -> bool:

@@ -1,0 +1,103 @@
+"""The trainer's own callbacks come from the `callbacks` config group, fitted to the run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lightning.pytorch.callbacks import (
+    EarlyStopping,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    RichProgressBar,
+)
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_sparse.callbacks import EpochLine, ModelSummary
+from lightning_sparse.run.cli import compose_config
+from lightning_sparse.run.job import ConfigError
+from lightning_sparse.run.training import trainer_callbacks
+
+
+def _compose(tmp_path: Path, *overrides: str) -> tuple[DictConfig, dict[str, Any]]:
+    cfg = compose_config([*overrides, f"output_dir='{tmp_path}'"])
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    assert isinstance(trainer_kwargs, dict)
+    return cfg, trainer_kwargs
+
+
+def test_the_default_callbacks(tmp_path: Path) -> None:
+    cfg, kwargs = _compose(tmp_path)
+    callbacks = trainer_callbacks(cfg, tmp_path, kwargs, has_logger=True)
+    assert [type(c) for c in callbacks] == [
+        ModelCheckpoint,
+        LearningRateMonitor,
+        ModelSummary,
+        EpochLine,  # stdout is no terminal under pytest: one line per epoch
+    ]
+    checkpoint = callbacks[0]
+    assert isinstance(checkpoint, ModelCheckpoint)
+    assert Path(str(checkpoint.dirpath)) == tmp_path / "checkpoints"
+    assert checkpoint.save_last
+    # Ours prints the summary, and the line is the progress bar Lightning uses.
+    assert kwargs["enable_model_summary"] is False
+    assert kwargs["enable_progress_bar"] is True
+
+
+def test_no_lr_monitor_without_a_logger(tmp_path: Path) -> None:
+    cfg, kwargs = _compose(tmp_path)
+    callbacks = trainer_callbacks(cfg, tmp_path, kwargs, has_logger=False)
+    assert not any(isinstance(c, LearningRateMonitor) for c in callbacks)
+
+
+def test_the_trainer_switches_turn_the_summary_and_the_bar_off(tmp_path: Path) -> None:
+    cfg, kwargs = _compose(
+        tmp_path, "trainer.enable_model_summary=false", "trainer.enable_progress_bar=false"
+    )
+    callbacks = trainer_callbacks(cfg, tmp_path, kwargs, has_logger=True)
+    assert [type(c) for c in callbacks] == [ModelCheckpoint, LearningRateMonitor]
+    assert kwargs["enable_progress_bar"] is False
+
+
+def test_early_stopping_is_opt_in(tmp_path: Path) -> None:
+    cfg, kwargs = _compose(tmp_path, "callbacks=[default,early_stopping]")
+    callbacks = trainer_callbacks(cfg, tmp_path, kwargs, has_logger=True)
+    stopping = [c for c in callbacks if isinstance(c, EarlyStopping)]
+    assert len(stopping) == 1
+    assert stopping[0].monitor == "val/acc"
+    cfg, kwargs = _compose(tmp_path)
+    assert not any(
+        isinstance(c, EarlyStopping)
+        for c in trainer_callbacks(cfg, tmp_path, kwargs, has_logger=True)
+    )
+
+
+def test_a_removed_checkpoint_turns_checkpointing_off(tmp_path: Path) -> None:
+    cfg, kwargs = _compose(tmp_path, "~callbacks.model_checkpoint")
+    callbacks = trainer_callbacks(cfg, tmp_path, kwargs, has_logger=True)
+    assert not any(isinstance(c, ModelCheckpoint) for c in callbacks)
+    assert kwargs["enable_checkpointing"] is False
+
+
+def test_the_checkpoint_must_stay_where_resume_looks(tmp_path: Path) -> None:
+    cfg, kwargs = _compose(tmp_path, f"callbacks.model_checkpoint.dirpath='{tmp_path / 'x'}'")
+    with pytest.raises(ConfigError, match=r"callbacks.model_checkpoint: no checkpoint callback"):
+        trainer_callbacks(cfg, tmp_path, kwargs, has_logger=True)
+    cfg, kwargs = _compose(tmp_path, "callbacks.model_checkpoint.save_last=false")
+    with pytest.raises(ConfigError, match=r"keep dirpath: \$\{output_dir\}/checkpoints"):
+        trainer_callbacks(cfg, tmp_path, kwargs, has_logger=True)
+
+
+def test_a_terminal_gets_the_rich_bar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stdout", Terminal())
+    cfg, kwargs = _compose(tmp_path)
+    callbacks = trainer_callbacks(cfg, tmp_path, kwargs, has_logger=True)
+    assert isinstance(callbacks[-1], RichProgressBar)
