@@ -292,6 +292,29 @@ def test_every_logger_binds() -> None:
             check_target(node, where)
 
 
+def _recipe_entries() -> list[tuple[str, str]]:
+    pairs = []
+    for recipe in options("recipe"):
+        defaults = OmegaConf.load(config_dir() / "recipe" / f"{recipe}.yaml")
+        entries = set((defaults.get("recipe") or {}).keys())
+        for entry in defaults.get("defaults") or []:
+            if isinstance(entry, DictConfig):
+                for key in entry:
+                    package = str(key).partition("@")[2]
+                    if package.startswith("recipe."):
+                        entries.add(package.removeprefix("recipe."))
+        pairs += [(recipe, entry) for entry in sorted(entries)]
+    return pairs
+
+
+@pytest.mark.parametrize(("recipe", "entry"), _recipe_entries())
+def test_every_technique_can_be_dropped_from_every_recipe(recipe: str, entry: str) -> None:
+    """`~recipe.pruning` (README): the others' epochs must not depend on the dropped entry."""
+    cfg = compose_config([f"recipe={recipe}", f"~recipe.{entry}"])
+    callbacks = instantiate_recipe(cfg.recipe, cfg.trainer)
+    assert entry not in callbacks
+
+
 def test_cli_style_overrides_reach_the_recipe() -> None:
     cfg = compose_config(["recipe.pruning.final_sparsity=0.95", "recipe.pruning.end_epoch=5"])
     assert cfg.recipe.pruning.final_sparsity == 0.95
