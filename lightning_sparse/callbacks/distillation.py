@@ -43,7 +43,7 @@ from lightning_sparse.callbacks.base import (
     fractional_epoch,
     invalid_number,
 )
-from lightning_sparse.core.checkpoint import checkpoint_path, read_state_dict
+from lightning_sparse.core.checkpoint import read_state_dict, readable_checkpoint
 from lightning_sparse.core.nodes import build_node
 from lightning_sparse.module import CompressionModule, copy_without_trainer, drop_instance_forwards
 
@@ -393,7 +393,7 @@ class KnowledgeDistillation(CompressionCallback):
             )
         if teacher is not None and teacher != SELF_TEACHER:
             # Fails here, when the recipe is built, not after hours of training.
-            checkpoint_path(teacher, field=self._teacher_field)
+            readable_checkpoint(teacher, field=self._teacher_field)
         chosen_features = _normalise_features(features)
         if not _is_number(hardness) or hardness < 0 or (hardness == 0 and not chosen_features):
             raise invalid_number(
