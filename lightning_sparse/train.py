@@ -22,10 +22,20 @@ Examples::
 
 from __future__ import annotations
 
+from typing import Any
+
 import hydra
 from omegaconf import DictConfig
 
 from lightning_sparse.run.cli import config_dir, precheck_command_line
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """One job from a composed config (``conf/train.yaml``), as ``oneshot.run`` and ``export.run``
+    are for theirs; see :func:`lightning_sparse.run.training.run`."""
+    from lightning_sparse.run.training import run as run_training
+
+    return run_training(cfg)
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")

@@ -69,6 +69,15 @@ def _quantization_states(checkpoint: Mapping[str, Any]) -> list[Mapping[str, Any
     return found
 
 
+def quantized_layers_in(path: str | Path) -> list[str]:
+    """Names of the layers a checkpoint holds quantization (QAT or PTQ scales) for; [] for none."""
+    checkpoint = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
+    names: list[str] = []
+    for state in _quantization_states(checkpoint):
+        names.extend(str(name) for name in state.get("layers", {}))
+    return names
+
+
 def load_checkpoint(module: nn.Module, path: str | Path) -> list[str]:
     """Load a Lightning checkpoint's weights into ``module`` and restore its quantization.
 

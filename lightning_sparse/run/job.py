@@ -22,8 +22,10 @@ __all__ = [
     "build_data",
     "check_paths",
     "is_multirun",
+    "known_run_dir",
     "loggers",
     "recipe_name",
+    "record_failure",
     "run_dir",
     "set_threads",
     "sweep_job_number",
@@ -54,6 +56,13 @@ def run_dir(cfg: DictConfig) -> Path:
     if cfg.get("output_dir"):
         return Path(str(cfg.output_dir))
     return Path(HydraConfig.get().runtime.output_dir)
+
+
+def known_run_dir(cfg: DictConfig) -> Path | None:
+    """:func:`run_dir`, or None outside a Hydra app when ``output_dir`` is Hydra's."""
+    if not HydraConfig.initialized() and OmegaConf.is_interpolation(cfg, "output_dir"):
+        return None
+    return run_dir(cfg)
 
 
 def recipe_name() -> str | None:
@@ -134,3 +143,26 @@ def loggers(cfg: DictConfig) -> list[Logger]:
     """The loggers of ``cfg.logger`` (a dict of ``_target_`` nodes; none when it is empty)."""
     nodes = cfg.get("logger") or {}
     return [instantiate(node) for node in nodes.values() if node and "_target_" in node]
+
+
+def record_failure(cfg: DictConfig, error: BaseException) -> None:
+    """Write ``summary.json`` with ``status: failed`` (rank zero); never raises over ``error``."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from lightning_sparse.run import report
+
+    # The launcher's rank, right even before the Trainer set up the process group.
+    if getattr(rank_zero_only, "rank", 0) != 0:
+        return
+    try:
+        seed = cfg.get("seed")
+        summary = report.failure_summary(
+            error,
+            seed=int(seed) if isinstance(seed, int) else None,
+            recipe_name=recipe_name(),
+            run_dir=run_dir(cfg),
+            environment=report.environment_info(),
+        )
+        report.write_summary(summary, run_dir(cfg))
+    except Exception as record_error:
+        log.error("Could not record the failure in summary.json: %s", record_error)

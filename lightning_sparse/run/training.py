@@ -600,25 +600,6 @@ def _flatten_state(state: Any, prefix: str = "") -> dict[str, torch.Tensor]:
     return flat
 
 
-def _record_failure(cfg: DictConfig, error: BaseException) -> None:
-    """Write ``summary.json`` with ``status: failed`` (rank zero); never raises over ``error``."""
-    if not _is_rank_zero():
-        return
-    try:
-        seed = cfg.get("seed")
-        run_dir = job.run_dir(cfg)
-        summary = report.failure_summary(
-            error,
-            seed=int(seed) if isinstance(seed, int) else None,
-            recipe_name=job.recipe_name(),
-            run_dir=run_dir,
-            environment=report.environment_info(),
-        )
-        report.write_summary(summary, run_dir)
-    except Exception as record_error:
-        log.error("Could not record the failure in summary.json: %s", record_error)
-
-
 def _close_process_group() -> None:
     """Destroy the DDP process group at the end of a successful run (a no-op without one).
 
@@ -651,7 +632,7 @@ def run_job(cfg: DictConfig) -> float | list[float] | None:
         summary = run(cfg)
         _close_process_group()
     except Exception as err:
-        _record_failure(cfg, err)
+        job.record_failure(cfg, err)
         if not job.is_multirun():
             cli.exit_on_user_error(err)
             raise
