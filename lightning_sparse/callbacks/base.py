@@ -105,6 +105,17 @@ def check_strategy(trainer: pl.Trainer, technique: str) -> None:
         )
 
 
+def _is_plain(value: Any) -> bool:
+    """Config-like data: None, a bool, number or string, or lists and dicts of those."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(item) for item in value)
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return False
+
+
 def is_number(value: Any) -> bool:
     """A real number from a config: int or float, not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -208,7 +219,14 @@ class CompressionCallback(Callback):
         return self.name or type(self).__name__
 
     def __repr__(self) -> str:
-        settings = ", ".join(f"{k}={v!r}" for k, v in self.settings().items())
+        # The settings a user gave, as they would write them: plain values only (a schedule or
+        # spec object built from them would repeat them), and the name only when there is one.
+        shown = {
+            key: value
+            for key, value in self.settings().items()
+            if _is_plain(value) and not (key == "name" and value is None)
+        }
+        settings = ", ".join(f"{k}={v!r}" for k, v in shown.items())
         return f"{type(self).__name__}({settings})"
 
     def settings(self) -> dict[str, Any]:

@@ -328,6 +328,9 @@ class OneShotRecord(Callback):
         # Scales of a post-training quantization step, under the key the export looks for.
         self.quantization: dict[str, Any] | None = None
 
+    def __repr__(self) -> str:
+        return f"OneShotRecord(recipe_name={self.recipe_name!r}, steps={list(self.steps)})"
+
     @property
     @override
     def state_key(self) -> str:

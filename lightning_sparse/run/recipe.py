@@ -304,6 +304,9 @@ class RecipeRecord(Callback):
         self.config = None if config is None else dict(config)
         self.restored: dict[str, Any] | None = None
 
+    def __repr__(self) -> str:
+        return f"RecipeRecord(name={self.name!r}, entries={list(self.recipe)})"
+
     @property
     @override
     def state_key(self) -> str:

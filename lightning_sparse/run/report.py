@@ -352,6 +352,9 @@ class SparsityHistory(Callback):
     def __init__(self) -> None:
         self.history: list[tuple[float, float]] = []
 
+    def __repr__(self) -> str:
+        return f"SparsityHistory(points={len(self.history)})"
+
     def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: float) -> None:
         names = pruned_parameter_names(pl_module, trainer.callbacks)  # type: ignore[attr-defined]
         self.history.append((epoch, sparsity_stats(pl_module, names)[0]))

@@ -101,3 +101,27 @@ def test_a_terminal_gets_the_rich_bar(tmp_path: Path, monkeypatch: pytest.Monkey
     cfg, kwargs = _compose(tmp_path)
     callbacks = trainer_callbacks(cfg, tmp_path, kwargs, has_logger=True)
     assert isinstance(callbacks[-1], RichProgressBar)
+
+
+def test_every_callback_of_a_run_prints_its_settings(tmp_path: Path) -> None:
+    from lightning_sparse.posttrain.oneshot import OneShotRecord
+    from lightning_sparse.run.baseline import DenseSnapshot
+    from lightning_sparse.run.recipe import RecipeRecord, instantiate_recipe
+    from lightning_sparse.run.report import SparsityHistory
+
+    cfg, kwargs = _compose(tmp_path, "callbacks=[default,early_stopping]")
+    ours = [
+        *instantiate_recipe(cfg.recipe, cfg.trainer).values(),
+        RecipeRecord("gmp_qat_distill", {}),
+        SparsityHistory(),
+        DenseSnapshot(20.0),
+        OneShotRecord("ptq_int8", {"quantization": {}}),
+        *trainer_callbacks(cfg, tmp_path, kwargs, has_logger=True),
+    ]
+    for callback in ours:
+        if type(callback).__module__.startswith("lightning_sparse"):
+            assert " object at 0x" not in repr(callback), type(callback)
+    pruning = repr(ours[0])
+    assert pruning.startswith("MagnitudePruning(start_epoch=20.0, end_epoch=45.0,")
+    assert "final_sparsity=0.9" in pruning
+    assert "schedule=" not in pruning  # derived from the settings shown
