@@ -21,6 +21,7 @@ __all__ = [
     "ConfigError",
     "build_data",
     "check_paths",
+    "check_threads",
     "is_multirun",
     "known_run_dir",
     "loggers",
@@ -73,18 +74,25 @@ def recipe_name() -> str | None:
     return str(name) if name is not None else None
 
 
+def check_threads(threads: Any) -> None:
+    """Raise :class:`ConfigError` unless ``threads`` is an integer >= 1 or None."""
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+    ):
+        raise ConfigError(
+            f"`threads`={threads!r} is not allowed; give an integer >= 1, or null for torch's "
+            "default (one per core)."
+        )
+
+
 def set_threads(threads: Any) -> int:
     """Set torch's intra-op thread count (None: leave torch's default); return the count in force.
 
     Raises:
         ConfigError: ``threads`` is not an integer >= 1 (or null).
     """
+    check_threads(threads)
     if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ConfigError(
-                f"`threads`={threads!r} is not allowed; give an integer >= 1, or null for "
-                "torch's default (one per core)."
-            )
         torch.set_num_threads(threads)
     return torch.get_num_threads()
 

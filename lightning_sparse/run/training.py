@@ -229,6 +229,7 @@ def check_job(cfg: DictConfig) -> tuple[dict[str, Any], str | None, dict[str, Ca
         FileNotFoundError, NotACheckpointError: a path (``ckpt_path``, ``model.init_from``,
             ``data.root``, a teacher checkpoint) is missing or not a checkpoint.
     """
+    job.check_threads(cfg.get("threads"))
     trainer_kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
     check_strategy(trainer_kwargs)
     objective_names(cfg)

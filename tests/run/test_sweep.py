@@ -53,5 +53,11 @@ def test_a_bad_job_stops_the_sweep_before_any_job_runs(
     assert len(err) == 4
 
 
+def test_bad_threads_in_a_job_are_found_too(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        SweepCheck().on_multirun_start(_multirun("recipe=gmp", "threads=1,0"))
+    assert "job 1 (recipe=gmp threads=0): `threads`=0 is not allowed" in capsys.readouterr().err
+
+
 def test_a_sweep_of_good_jobs_passes() -> None:
     SweepCheck().on_multirun_start(_multirun("recipe=gmp", "recipe.pruning.final_sparsity=0.8,0.9"))
