@@ -60,6 +60,27 @@ def test_the_trainer_switches_turn_the_summary_and_the_bar_off(tmp_path: Path) -
     assert kwargs["enable_progress_bar"] is False
 
 
+def test_a_sweep_prints_the_model_summary_in_its_first_job_only(tmp_path: Path) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    def summaries(job: int) -> int:
+        cfg = compose_config([f"output_dir='{tmp_path}'"], return_hydra_config=True)
+        cfg.hydra.mode = RunMode.MULTIRUN
+        cfg.hydra.job.num = job
+        HydraConfig.instance().set_config(cfg)
+        try:
+            kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+            assert isinstance(kwargs, dict)
+            callbacks = trainer_callbacks(cfg, tmp_path, kwargs, has_logger=True)
+        finally:
+            HydraConfig.instance().cfg = None  # type: ignore[assignment]
+        return sum(isinstance(c, ModelSummary) for c in callbacks)
+
+    assert summaries(0) == 1
+    assert summaries(1) == 0
+
+
 def test_early_stopping_is_opt_in(tmp_path: Path) -> None:
     cfg, kwargs = _compose(tmp_path, "callbacks=[default,early_stopping]")
     callbacks = trainer_callbacks(cfg, tmp_path, kwargs, has_logger=True)
