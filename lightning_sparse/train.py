@@ -7,9 +7,15 @@ callbacks and loggers; save the resolved recipe and the environment; fit; test; 
 the Hydra run dir (``runs/<task_name>/<date>/<time>/``, see ``runs/README.md``).
 
 A job that raises records ``summary.json`` with ``status: failed`` and the error. In a single run
-the error then propagates (non-zero exit); in a multirun the job returns None instead, so the
-sweep goes on with its other jobs, and the sweep's report (:class:`lightning_sparse.compare.
-SweepReport`) lists the failed jobs and makes the sweep exit non-zero at its end.
+an error in the user's input (a config value, a path) then ends the process with its message
+alone (exit code 1; the traceback is in ``train.log``), and any other error propagates with its
+traceback; in a multirun the job returns None instead, so the sweep goes on with its other jobs,
+and the sweep's report (:class:`lightning_sparse.compare.SweepReport`) lists the failed jobs and
+makes the sweep exit non-zero at its end. Every job of a sweep is checked before the first one
+runs (:class:`lightning_sparse.run.sweep.SweepCheck`).
+
+Torch, Lightning and the job code are imported inside the job, so ``--help`` and a misspelled
+key (:func:`lightning_sparse.run.cli.precheck_command_line`) answer in well under a second.
 
 Examples::
 

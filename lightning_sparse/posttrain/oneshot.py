@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,13 +10,13 @@ from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from typing_extensions import override
 
-from lightning_sparse.callbacks import ConstantPruning
+from lightning_sparse.callbacks import ConstantPruning, progress_bar
 from lightning_sparse.callbacks.base import MASKS, compression_callbacks, to_plain
 from lightning_sparse.core.criteria import (
     CRITERIA,
@@ -562,14 +561,15 @@ def _finetune(
     kwargs["max_epochs"] = plan.finetune_epochs
     kwargs.pop("max_steps", None)
     wanted = kwargs.pop("enable_progress_bar", None)
-    show = sys.stdout.isatty() if wanted is None else bool(wanted)
+    show = True if wanted is None else bool(wanted)
     callbacks: list[Callback] = [*plan.finetune_callbacks, *records]
     if output_dir is not None:
         callbacks.append(ModelCheckpoint(dirpath=output_dir / FINETUNE_CHECKPOINTS, save_last=True))
     else:
         kwargs["enable_checkpointing"] = False
-    if show and sys.stdout.isatty():
-        callbacks.append(RichProgressBar())
+    if show:
+        # A rich bar in a terminal, one line per epoch in a file or pipe (as `train`).
+        callbacks.append(progress_bar())
     trainer = pl.Trainer(**kwargs, enable_progress_bar=show, callbacks=callbacks, logger=loggers)
     trainer.fit(plan.module, datamodule=plan.datamodule)
     return int(trainer.current_epoch)
