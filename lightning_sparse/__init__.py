@@ -4,19 +4,43 @@ Techniques are callbacks (``MagnitudePruning``, ``ConstantPruning``,
 ``QuantizationAwareTraining``, ``KnowledgeDistillation``); a LightningModule that takes
 loss terms from techniques mixes in ``CompressionModule``; ``recipe.load`` builds the callbacks of a
 shipped recipe without a Hydra app.
+
+The names below are imported on first use, not with the package: ``python -m
+lightning_sparse.train --help`` (or a misspelled override) then answers without importing torch and
+Lightning, which take seconds.
 """
 
-from lightning_sparse import recipe
-from lightning_sparse.callbacks import (
-    CompressionCallback,
-    ConstantPruning,
-    GradualPruning,
-    KnowledgeDistillation,
-    MagnitudePruning,
-    MaskPruning,
-    QuantizationAwareTraining,
-)
-from lightning_sparse.module import ClassificationModule, CompressionModule
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lightning_sparse.callbacks import (
+        CompressionCallback,
+        ConstantPruning,
+        GradualPruning,
+        KnowledgeDistillation,
+        MagnitudePruning,
+        MaskPruning,
+        QuantizationAwareTraining,
+    )
+    from lightning_sparse.module import ClassificationModule, CompressionModule
+
+# Public name -> the module that defines it (the module itself for `recipe`, the recipe API:
+# `lightning_sparse.recipe.load`, which type checkers find as a submodule).
+_LAZY = {
+    "ClassificationModule": "lightning_sparse.module",
+    "CompressionCallback": "lightning_sparse.callbacks",
+    "CompressionModule": "lightning_sparse.module",
+    "ConstantPruning": "lightning_sparse.callbacks",
+    "GradualPruning": "lightning_sparse.callbacks",
+    "KnowledgeDistillation": "lightning_sparse.callbacks",
+    "MagnitudePruning": "lightning_sparse.callbacks",
+    "MaskPruning": "lightning_sparse.callbacks",
+    "QuantizationAwareTraining": "lightning_sparse.callbacks",
+    "recipe": "lightning_sparse.recipe",
+}
 
 __all__ = [
     "ClassificationModule",
@@ -31,3 +55,16 @@ __all__ = [
     "recipe",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'lightning_sparse' has no attribute {name!r}")
+    module = importlib.import_module(_LAZY[name])
+    value = module if name == "recipe" else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

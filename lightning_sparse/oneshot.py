@@ -30,56 +30,28 @@ From Python::
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
-import lightning.pytorch as pl
-from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
-from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
-from rich.console import Console
 from rich.table import Table
 
-from lightning_sparse.core.checkpoint import checkpoint_path
-from lightning_sparse.deploy.export import export_model
-from lightning_sparse.module import load_weights
-from lightning_sparse.posttrain.oneshot import RECIPE_FILE, OneShotStep, execute, prepare
-from lightning_sparse.run import report
-from lightning_sparse.run.recipe import (
-    RecipeError,
-    check_against_model,
-    config_dir,
-    instantiate_nodes,
-    instantiate_recipe,
-    recipe_to_dict,
-)
+from lightning_sparse.run.cli import config_dir, precheck_command_line
+
+if TYPE_CHECKING:
+    from lightning_sparse.posttrain.oneshot import OneShotStep
+
+log = logging.getLogger(__name__)
 
 
 def instantiate_steps(nodes: Mapping[str, Any] | DictConfig | None) -> dict[str, OneShotStep]:
     """Build the ``oneshot:`` entries of a config (:func:`instantiate_nodes`)."""
+    from lightning_sparse.posttrain.oneshot import OneShotStep
+    from lightning_sparse.run.recipe import instantiate_nodes
+
     return instantiate_nodes(nodes, "oneshot", OneShotStep, "a OneShotStep")
-
-
-def _run_dir(cfg: DictConfig) -> Path:
-    if cfg.get("output_dir"):
-        return Path(str(cfg.output_dir))
-    return Path(HydraConfig.get().runtime.output_dir)
-
-
-def _recipe_name() -> str | None:
-    if not HydraConfig.initialized():
-        return None
-    name = HydraConfig.get().runtime.choices.get("recipe")
-    return str(name) if name is not None else None
-
-
-def _loggers(cfg: DictConfig) -> list[Logger] | bool:
-    nodes = cfg.get("logger") or {}
-    loggers = [instantiate(node) for node in nodes.values() if node and "_target_" in node]
-    return loggers or False
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -92,9 +64,28 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         RecipeError: an invalid ``oneshot`` step or fine-tune ``recipe`` entry.
         FileNotFoundError: ``ckpt_path`` does not exist (or is a run dir without a checkpoint),
             or the data are missing.
+        NotACheckpointError: ``ckpt_path`` is truncated or not a torch file.
         ValueError: the checkpoint does not match the model (the first mismatched key is
             named); see :func:`prepare` for the rest.
     """
+    # Imported here: `--help` and a misspelled key answer without torch and Lightning.
+    import lightning.pytorch as pl
+    from hydra.utils import instantiate
+
+    from lightning_sparse.core.checkpoint import quantized_layers_in, readable_checkpoint
+    from lightning_sparse.deploy.export import export_model
+    from lightning_sparse.module import load_weights
+    from lightning_sparse.posttrain.oneshot import RECIPE_FILE, execute, prepare
+    from lightning_sparse.run import job, report
+    from lightning_sparse.run.console import show
+    from lightning_sparse.run.recipe import (
+        RecipeError,
+        check_against_model,
+        instantiate_recipe,
+        recipe_to_dict,
+    )
+
+    job.set_threads(cfg.get("threads"))
     pl.seed_everything(int(cfg.seed), workers=True)
     trainer_kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
     finetune_epochs = int(cfg.get("finetune_epochs") or 0)
@@ -103,13 +94,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if not steps:
         raise RecipeError(
             "oneshot: the recipe has no one-shot steps (no `oneshot:` entries); use "
-            "recipe=oneshot_magnitude or recipe=oneshot_wanda."
+            "recipe=oneshot_magnitude, recipe=oneshot_wanda or recipe=ptq_int8."
         )
     finetune_recipe = recipe_to_dict(cfg.get("recipe"))
     finetune_callbacks = instantiate_recipe(finetune_recipe, trainer_kwargs)
-    source = str(checkpoint_path(cfg.ckpt_path, field="ckpt_path"))
+    source = str(readable_checkpoint(cfg.ckpt_path, field="ckpt_path"))
+    job.check_paths(cfg)
 
-    datamodule: pl.LightningDataModule = instantiate(cfg.data)
+    datamodule = job.build_data(cfg)
     module: pl.LightningModule = instantiate(cfg.model)
     # One-shot compresses the very model that was trained: no key, not even the head, may differ.
     load_weights(module, source, head=None, field="ckpt_path")
@@ -123,27 +115,60 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         trainer_kwargs=trainer_kwargs,
     )
 
-    run_dir = _run_dir(cfg)
-    recipe_name = _recipe_name()
+    run_dir = job.run_dir(cfg)
+    recipe_name = job.recipe_name()
     recipe = {"oneshot": recipe_to_dict(cfg.get("oneshot")), "recipe": finetune_recipe}
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.create(recipe), run_dir / RECIPE_FILE)
     summary = execute(
         plan,
         run_dir,
-        loggers=_loggers(cfg) if finetune_epochs > 0 else False,
+        loggers=(job.loggers(cfg) or False) if finetune_epochs > 0 else False,
         recipe_name=recipe_name,
         recipe=recipe,
         seed=int(cfg.seed),
         source=source,
     )
+    summary["environment"] = report.environment_info()
+    summary["quantization"] = _quantization_fate(quantized_layers_in(source), summary["steps"])
+    if summary["quantization"]["note"]:
+        log.warning(summary["quantization"]["note"])
+        summary["notes"].append(summary["quantization"]["note"])
     if cfg.get("export", True):
         # ONNX fp32 (and int8 after PTQ) plus the compressed checkpoint, as `train` writes them.
-        summary.update(export_model(plan.module, datamodule, run_dir / "export"))
+        exported = export_model(plan.module, datamodule, run_dir / "export", threads=cfg.threads)
+        summary.update(exported)
     report.write_summary(summary, run_dir)
+    show(stages_table(summary))
     report.print_summary(summary)
-    Console().print(stages_table(summary))
     return summary
+
+
+def _quantization_fate(source_layers: list[str], steps: Mapping[str, Any]) -> dict[str, Any]:
+    """Whether the result is quantized, and a note when a quantized source lost its int8.
+
+    A quantization-aware trained checkpoint keeps its scales in the training callbacks' state,
+    which one-shot steps do not carry over: they change the weights the scales were fitted to.
+    Quantizing again is post-training quantization (an `oneshot.quantization` step).
+    """
+    layers = sorted(
+        {layer for report in steps.values() for layer in report.get("quantized_layers", [])}
+    )
+    if layers:
+        result = "requantized" if source_layers else "quantized"
+        note = None
+    elif source_layers:
+        result = "dropped"
+        note = (
+            f"The source checkpoint was quantized ({len(source_layers)} int8 layers, QAT or PTQ); "
+            "one-shot steps change its weights, so its scales are not carried over and the "
+            "result is float (no model_int8.onnx). To quantize it again add post-training "
+            "quantization: +oneshot.quantization={_target_: "
+            "lightning_sparse.posttrain.OneShotQuantization}."
+        )
+    else:
+        result, note = "none", None
+    return {"source_layers": source_layers, "layers": layers, "result": result, "note": note}
 
 
 def _percent(value: float | None) -> str:
@@ -151,30 +176,50 @@ def _percent(value: float | None) -> str:
 
 
 def stages_table(summary: Mapping[str, Any]) -> Table:
-    """Accuracy and sparsity before, right after the steps, and after the fine-tune."""
-    table = Table(title=f"one-shot: {summary.get('criterion')}")
+    """Accuracy and sparsity after each stage: trained, each kind of step, fine-tuned, int8."""
+    recipe = (summary.get("recipe") or {}).get("name") or "recipe"
+    criterion = summary.get("criterion")
+    title = f"one-shot: {recipe}" + (f" ({criterion})" if isinstance(criterion, str) else "")
+    table = Table(title=title)
     for column in ("stage", "test accuracy", "val accuracy", "sparsity"):
         table.add_column(column, justify="left" if column == "stage" else "right")
-    for label, key in (
-        ("trained", "before"),
-        ("one-shot", "after_oneshot"),
-        ("fine-tuned", "after_finetune"),
-    ):
-        stage = summary.get(key)
-        if stage:
-            table.add_row(
-                label,
-                _percent(stage.get("test_acc")),
-                _percent(stage.get("val_acc")),
-                _percent(stage.get("sparsity")),
-            )
+    for stage in summary.get("stages") or []:
+        table.add_row(
+            str(stage["stage"]),
+            _percent(stage.get("test_acc")),
+            _percent(stage.get("val_acc")),
+            _percent(stage.get("sparsity")),
+        )
+    if summary.get("onnx_int8_acc") is not None:
+        last = (summary.get("stages") or [{}])[-1]
+        table.add_row(
+            "int8 (ONNX Runtime)",
+            _percent(summary["onnx_int8_acc"]),
+            "n/a",
+            _percent(last.get("sparsity")),
+        )
     return table
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="oneshot")
-def main(cfg: DictConfig) -> float | None:
-    """Console entry point; returns the final test accuracy for sweepers."""
-    return run(cfg)["test_acc"]
+def app(cfg: DictConfig) -> float | None:
+    """The Hydra app; returns the final test accuracy for sweepers."""
+    from lightning_sparse.run import cli, job
+    from lightning_sparse.run.console import setup_job_output
+
+    setup_job_output()
+    try:
+        return run(cfg)["test_acc"]
+    except Exception as err:
+        job.record_failure(cfg, err)
+        cli.exit_on_user_error(err)
+        raise
+
+
+def main() -> None:
+    """Console entry point: check the command line, run the app."""
+    precheck_command_line("oneshot")
+    app()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Every shipped config composes, and every ``_target_`` in it binds to its signature.
 
-Options are discovered from ``conf/``, so a new config file is covered without editing this test.
+Entry configs (``conf/*.yaml``), config groups (every folder of ``conf/``) and their options are
+discovered from ``conf/``, so a new config file or group is covered without editing this test.
 """
 
 from __future__ import annotations
@@ -14,21 +15,52 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
+from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_sparse.run.console import ConsoleFormatter
 from lightning_sparse.run.recipe import (
     RecipeError,
     check_against_model,
     check_target,
     compose_config,
     config_dir,
+    instantiate_nodes,
     instantiate_recipe,
 )
 
 
 def options(group: str) -> list[str]:
     return sorted(path.stem for path in (config_dir() / group).glob("*.yaml"))
+
+
+def entry_configs() -> list[str]:
+    """The primary configs: ``conf/<name>.yaml``, one per entry point."""
+    return sorted(path.stem for path in config_dir().glob("*.yaml"))
+
+
+def config_groups() -> list[str]:
+    """Every folder of ``conf/`` that holds options, as a group name (``compression/pruning``)."""
+    return sorted(
+        {path.parent.relative_to(config_dir()).as_posix() for path in config_dir().rglob("*.yaml")}
+        - {"."}
+    )
+
+
+def defaults_groups(config: str) -> list[str]:
+    """The groups a config's defaults list chooses from (``override hydra/x`` included)."""
+    defaults = OmegaConf.load(config_dir() / f"{config}.yaml").get("defaults") or []
+    found = []
+    for entry in defaults:
+        if isinstance(entry, DictConfig):
+            for key in entry:
+                found.append(str(key).removeprefix("override ").split("@")[0].lstrip("/"))
+    return found
+
+
+# What an entry config needs from the user (`???` in it), with stand-ins.
+ENTRY_REQUIRED = {"oneshot": ["ckpt_path=unused"], "export": ["ckpt_path=unused"]}
 
 
 def target_nodes(node: Any, where: str) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -70,6 +102,65 @@ def resolved(cfg: DictConfig) -> dict[str, Any]:
     return data
 
 
+def test_every_group_is_chosen_somewhere() -> None:
+    """A group no entry config, recipe or Hydra plugin chooses from would be dead config."""
+    chosen = {group for config in entry_configs() for group in defaults_groups(config)}
+    for recipe in options("recipe"):
+        chosen.update(defaults_groups(f"recipe/{recipe}"))
+    assert set(entry_configs()) == {"export", "oneshot", "train"}
+    for group in config_groups():
+        # hydra/launcher options are chosen on the command line (hydra/launcher=slurm).
+        assert group in chosen or group.startswith("hydra/"), f"conf/{group} is used by nothing"
+
+
+@pytest.mark.parametrize(
+    ("config", "group", "option"),
+    [
+        (config, group, option)
+        for config in entry_configs()
+        for group in defaults_groups(config)
+        if not group.startswith("hydra/")
+        for option in options(group)
+    ],
+)
+def test_every_option_of_every_entry_group_composes_and_binds(
+    config: str, group: str, option: str
+) -> None:
+    extra = [*ENTRY_REQUIRED.get(config, []), *USER_SUPPLIED.get(f"{group}={option}", [])]
+    cfg = compose_config([f"{group}={option}", *extra], config_name=config)
+    plain = resolved(cfg)
+    nodes = list(target_nodes(plain, ""))
+    assert nodes
+    for where, node in nodes:
+        check_target(node, where)
+    if group == "callbacks":
+        built = instantiate_nodes(plain["callbacks"], "callbacks", Callback, "a Callback")
+        assert set(built) == set(plain["callbacks"])
+
+
+@pytest.mark.parametrize("config", entry_configs())
+def test_every_entry_config_composes_with_hydra_and_binds(config: str) -> None:
+    cfg = compose_config(
+        ENTRY_REQUIRED.get(config, []), config_name=config, return_hydra_config=True
+    )
+    for where, node in target_nodes(
+        resolved(compose_config(ENTRY_REQUIRED.get(config, []), config_name=config)), ""
+    ):
+        check_target(node, where)
+    callbacks = OmegaConf.to_container(cfg.hydra.callbacks, resolve=True)
+    for where, node in target_nodes(callbacks, "hydra.callbacks"):
+        check_target(node, where)
+    # Our job logging: a message alone on the console, the details in the job's log file.
+    formatter = cfg.hydra.job_logging.formatters.console["()"]
+    assert get_object(formatter) is ConsoleFormatter
+
+
+@pytest.mark.parametrize("option", options("hydra/launcher"))
+def test_every_launcher_composes(option: str) -> None:
+    cfg = compose_config([f"hydra/launcher={option}"], return_hydra_config=True)
+    assert get_object(cfg.hydra.launcher._target_)
+
+
 def test_the_groups_ship_what_the_readme_promises() -> None:
     assert options("data") == [
         "cifar10",
@@ -83,6 +174,8 @@ def test_the_groups_ship_what_the_readme_promises() -> None:
     assert options("model") == ["cnn", "lenet5", "mlp", "mobilenet_v3_small", "resnet18"]
     assert options("trainer") == ["cpu", "ddp", "ddp_sim", "gpu"]
     assert options("logger") == ["csv", "wandb"]
+    assert options("callbacks") == ["default", "early_stopping"]
+    assert options("debug") == ["quick"]
     assert set(options("recipe")) >= {
         "dense",
         "distill",
@@ -198,6 +291,29 @@ def test_every_logger_binds() -> None:
         plain = resolved(compose_config([f"logger={name}"]))
         for where, node in target_nodes(plain["logger"], "logger"):
             check_target(node, where)
+
+
+def _recipe_entries() -> list[tuple[str, str]]:
+    pairs = []
+    for recipe in options("recipe"):
+        defaults = OmegaConf.load(config_dir() / "recipe" / f"{recipe}.yaml")
+        entries = set((defaults.get("recipe") or {}).keys())
+        for entry in defaults.get("defaults") or []:
+            if isinstance(entry, DictConfig):
+                for key in entry:
+                    package = str(key).partition("@")[2]
+                    if package.startswith("recipe."):
+                        entries.add(package.removeprefix("recipe."))
+        pairs += [(recipe, entry) for entry in sorted(entries)]
+    return pairs
+
+
+@pytest.mark.parametrize(("recipe", "entry"), _recipe_entries())
+def test_every_technique_can_be_dropped_from_every_recipe(recipe: str, entry: str) -> None:
+    """`~recipe.pruning` (README): the others' epochs must not depend on the dropped entry."""
+    cfg = compose_config([f"recipe={recipe}", f"~recipe.{entry}"])
+    callbacks = instantiate_recipe(cfg.recipe, cfg.trainer)
+    assert entry not in callbacks
 
 
 def test_cli_style_overrides_reach_the_recipe() -> None:

@@ -147,15 +147,27 @@ def test_data_with_another_class_count_fails_at_setup(run_dir: Path) -> None:
         quiet_trainer(max_steps=1).fit(module, datamodule=DigitsDataModule(classes=[5, 6, 7, 8, 9]))
 
 
+def _truncated(path: Path) -> Path:
+    """A real checkpoint cut short, as a copy interrupted mid-way leaves it."""
+    torch.save({"state_dict": SmallCNN().state_dict()}, path)
+    path.write_bytes(path.read_bytes()[:1000])
+    return path
+
+
 @pytest.mark.parametrize(
     ("make", "error", "message"),
     [
-        (lambda p: p / "nope", FileNotFoundError, "`init_from`=.*nope' does not exist"),
-        (lambda p: p, FileNotFoundError, "is a directory without checkpoints/last.ckpt"),
+        (lambda p: p / "nope", FileNotFoundError, "`init_from`=.*nope': not found"),
+        (lambda p: p, FileNotFoundError, "the directory has no checkpoints/last.ckpt"),
         (
             lambda p: (p / "junk.ckpt", (p / "junk.ckpt").write_text("junk"))[0],
             ValueError,
-            "is not a loadable checkpoint",
+            "junk.ckpt': not a checkpoint: truncated or not a torch file",
+        ),
+        (
+            lambda p: _truncated(p / "cut.ckpt"),
+            ValueError,
+            "cut.ckpt': not a checkpoint: truncated or not a torch file",
         ),
         (
             lambda p: _save_raw({"epoch": 3}, p / "empty.ckpt"),  # type: ignore[dict-item]
@@ -163,7 +175,7 @@ def test_data_with_another_class_count_fails_at_setup(run_dir: Path) -> None:
             "holds no weights",
         ),
     ],
-    ids=["missing", "dir-without-checkpoint", "not-a-checkpoint", "no-weights"],
+    ids=["missing", "dir-without-checkpoint", "not-a-checkpoint", "truncated", "no-weights"],
 )
 def test_bad_init_from(tmp_path: Path, make: object, error: type, message: str) -> None:
     with pytest.raises(error, match=message):

@@ -1,7 +1,9 @@
-"""Compression techniques as Lightning callbacks, and the interface they declare."""
+"""Compression techniques as Lightning callbacks, the interface they declare, and the trainer's
+own callbacks this package ships (progress for logs and pipes, a quieter model summary)."""
 
 from lightning_sparse.callbacks.base import CompressionCallback, ScheduleLimit
 from lightning_sparse.callbacks.distillation import KnowledgeDistillation
+from lightning_sparse.callbacks.progress import EpochLine, progress_bar
 from lightning_sparse.callbacks.pruning import (
     ConstantPruning,
     GradualPruning,
@@ -9,14 +11,18 @@ from lightning_sparse.callbacks.pruning import (
     MaskPruning,
 )
 from lightning_sparse.callbacks.quantization import QuantizationAwareTraining
+from lightning_sparse.callbacks.summary import ModelSummary
 
 __all__ = [
     "CompressionCallback",
     "ConstantPruning",
+    "EpochLine",
     "GradualPruning",
     "KnowledgeDistillation",
     "MagnitudePruning",
     "MaskPruning",
+    "ModelSummary",
     "QuantizationAwareTraining",
     "ScheduleLimit",
+    "progress_bar",
 ]

@@ -57,6 +57,7 @@ __all__ = [
     "check_timing",
     "compression_callbacks",
     "fractional_epoch",
+    "invalid_number",
     "is_number",
     "steps_per_epoch",
     "to_plain",
@@ -104,9 +105,28 @@ def check_strategy(trainer: pl.Trainer, technique: str) -> None:
         )
 
 
+def _is_plain(value: Any) -> bool:
+    """Config-like data: None, a bool, number or string, or lists and dicts of those."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(item) for item in value)
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return False
+
+
 def is_number(value: Any) -> bool:
     """A real number from a config: int or float, not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def invalid_number(field: str, value: Any, allowed: str) -> ValueError:
+    """The error for a numeric argument: "not a number" when it is none (``=abc`` on a command
+    line), else "not allowed"; ``allowed`` says what is (``it must be in [0, 1)``)."""
+    if value is not None and not is_number(value):
+        return ValueError(f"`{field}`={value!r} is not a number; {allowed}.")
+    return ValueError(f"`{field}`={value!r} is not allowed; {allowed}.")
 
 
 def check_state_version(state: Mapping[str, Any], supported: int, owner: str) -> None:
@@ -199,7 +219,14 @@ class CompressionCallback(Callback):
         return self.name or type(self).__name__
 
     def __repr__(self) -> str:
-        settings = ", ".join(f"{k}={v!r}" for k, v in self.settings().items())
+        # The settings a user gave, as they would write them: plain values only (a schedule or
+        # spec object built from them would repeat them), and the name only when there is one.
+        shown = {
+            key: value
+            for key, value in self.settings().items()
+            if _is_plain(value) and not (key == "name" and value is None)
+        }
+        settings = ", ".join(f"{k}={v!r}" for k, v in shown.items())
         return f"{type(self).__name__}({settings})"
 
     def settings(self) -> dict[str, Any]:
@@ -219,19 +246,16 @@ class CompressionCallback(Callback):
                 (or not after it, with ``end_after_start``).
         """
         if not is_number(start_epoch) or start_epoch < 0:
-            raise ValueError(
-                f"`start_epoch`={start_epoch!r} is not allowed; it must be a number >= 0."
-            )
+            raise invalid_number("start_epoch", start_epoch, "it must be a number >= 0")
         if end_epoch is not None:
             if end_after_start and (not is_number(end_epoch) or end_epoch <= start_epoch):
-                raise ValueError(
-                    f"`end_epoch`={end_epoch!r} is not allowed; it must be null or a number > "
-                    f"`start_epoch`={start_epoch:g}."
+                raise invalid_number(
+                    "end_epoch",
+                    end_epoch,
+                    f"it must be null or a number > `start_epoch`={start_epoch:g}",
                 )
             if not is_number(end_epoch) or end_epoch < 0:
-                raise ValueError(
-                    f"`end_epoch`={end_epoch!r} is not allowed; it must be a number >= 0."
-                )
+                raise invalid_number("end_epoch", end_epoch, "it must be a number >= 0")
             if end_epoch < start_epoch:
                 raise ValueError(
                     f"`end_epoch`={end_epoch} is before `start_epoch`={start_epoch}; "

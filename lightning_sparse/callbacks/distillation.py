@@ -41,9 +41,10 @@ from lightning_sparse.callbacks.base import (
     CompressionCallback,
     ScheduleLimit,
     fractional_epoch,
+    invalid_number,
 )
 from lightning_sparse.core.batch import model_inputs
-from lightning_sparse.core.checkpoint import checkpoint_path, read_state_dict
+from lightning_sparse.core.checkpoint import read_state_dict, readable_checkpoint
 from lightning_sparse.core.nodes import build_node
 from lightning_sparse.module import CompressionModule, copy_without_trainer, drop_instance_forwards
 
@@ -378,23 +379,22 @@ class KnowledgeDistillation(CompressionCallback):
             )
         if teacher is not None and teacher != SELF_TEACHER:
             # Fails here, when the recipe is built, not after hours of training.
-            checkpoint_path(teacher, field=self._teacher_field)
+            readable_checkpoint(teacher, field=self._teacher_field)
         chosen_features = _normalise_features(features)
         if not _is_number(hardness) or hardness < 0 or (hardness == 0 and not chosen_features):
-            raise ValueError(
-                f"`hardness`={hardness!r} is not allowed; it must be a number > 0 (or 0 with "
-                "`features`, to distil the named layers only)."
+            raise invalid_number(
+                "hardness",
+                hardness,
+                "it must be a number > 0 (or 0 with `features`, to distil the named layers only)",
             )
         for field, value in (
             ("feature_hardness", feature_hardness),
             ("projection_lr", projection_lr),
         ):
             if not _is_number(value) or value <= 0:
-                raise ValueError(f"`{field}`={value!r} is not allowed; it must be a number > 0.")
+                raise invalid_number(field, value, "it must be a number > 0")
         if not _is_number(temperature) or temperature <= 0:
-            raise ValueError(
-                f"`temperature`={temperature!r} is not allowed; it must be a number > 0."
-            )
+            raise invalid_number("temperature", temperature, "it must be a number > 0")
         self._set_window(start_epoch, end_epoch, end_after_start=True)
         self.teacher_source = None if teacher is None else str(teacher)
         self.teacher_model = teacher_model

@@ -25,6 +25,8 @@ from lightning_sparse.callbacks.base import (
     ScheduleLimit,
     broadcast_masks,
     fractional_epoch,
+    invalid_number,
+    is_number,
     to_plain,
 )
 from lightning_sparse.core.masks import (
@@ -258,8 +260,8 @@ class GradualPruning(MaskPruning):
     ) -> None:
         super().__init__(params=params, name=name)
         for field, value in (("final_sparsity", final_sparsity), ("init_sparsity", init_sparsity)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
-                raise ValueError(f"`{field}`={value!r} is not allowed; it must be in [0, 1).")
+            if not is_number(value) or not 0 <= value < 1:
+                raise invalid_number(field, value, "it must be in [0, 1)")
         if init_sparsity > final_sparsity:
             raise ValueError(
                 f"`init_sparsity`={init_sparsity} is greater than `final_sparsity`="
@@ -268,10 +270,8 @@ class GradualPruning(MaskPruning):
         if end_epoch is None:
             raise ValueError("`end_epoch`=None is not allowed; it must be a number >= 0.")
         self._set_window(start_epoch, end_epoch)
-        if not isinstance(update_frequency, (int, float)) or update_frequency <= 0:
-            raise ValueError(
-                f"`update_frequency`={update_frequency!r} is not allowed; it must be > 0 epochs."
-            )
+        if not is_number(update_frequency) or update_frequency <= 0:
+            raise invalid_number("update_frequency", update_frequency, "it must be > 0 epochs")
         if inter_func not in INTERPOLATIONS:
             raise ValueError(
                 f"`inter_func`={inter_func!r} is not allowed; choose one of "

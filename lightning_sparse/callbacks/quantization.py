@@ -26,6 +26,7 @@ from lightning_sparse.callbacks.base import (
     ScheduleLimit,
     check_timing,
     fractional_epoch,
+    invalid_number,
     to_plain,
 )
 from lightning_sparse.core.fake_quant import (
@@ -208,9 +209,8 @@ class QuantizationAwareTraining(CompressionCallback):
             ("disable_quantization_observer_epoch", disable_quantization_observer_epoch),
         ):
             if value is not None and (not _is_number(value) or value < start_epoch):
-                raise ValueError(
-                    f"`{field}`={value!r} is not allowed; it must be null or a number >= "
-                    f"`start_epoch`={start_epoch:g}."
+                raise invalid_number(
+                    field, value, f"it must be null or a number >= `start_epoch`={start_epoch:g}"
                 )
         if (
             disable_quantization_observer_epoch is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,10 @@ CHECKPOINT_IN_RUN_DIR = Path("checkpoints") / "last.ckpt"
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint's weights do not fit the configured model; the message names the first key."""
+
+
+class NotACheckpointError(ValueError):
+    """A file given as a checkpoint cannot be read as one (truncated, or not a torch file)."""
 
 
 def check_state_dict(
@@ -64,23 +69,32 @@ def _quantization_states(checkpoint: Mapping[str, Any]) -> list[Mapping[str, Any
     return found
 
 
+def quantized_layers_in(path: str | Path) -> list[str]:
+    """Names of the layers a checkpoint holds quantization (QAT or PTQ scales) for; [] for none."""
+    checkpoint = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
+    names: list[str] = []
+    for state in _quantization_states(checkpoint):
+        names.extend(str(name) for name in state.get("layers", {}))
+    return names
+
+
 def load_checkpoint(module: nn.Module, path: str | Path) -> list[str]:
     """Load a Lightning checkpoint's weights into ``module`` and restore its quantization.
 
     Args:
         module: the configured model (same class and sizes as the run's).
-        path: the checkpoint (read with ``weights_only=True``).
+        path: the checkpoint (read with ``weights_only=True``) or a run dir holding
+            ``checkpoints/last.ckpt``.
 
     Returns:
         Names of the layers the checkpoint quantized (empty without QAT/PTQ state).
 
     Raises:
-        FileNotFoundError: no such file.
+        FileNotFoundError: nothing at ``path`` (see :func:`checkpoint_path`).
+        NotACheckpointError: the file does not open as a checkpoint.
         CheckpointMismatchError: the weights do not fit ``module``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"`ckpt_path`={str(path)!r} is not a file.")
+    path = readable_checkpoint(path, field="ckpt_path")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     state = checkpoint.get("state_dict", checkpoint)
     check_state_dict(state, module, source=f"checkpoint {path.name}")
@@ -104,14 +118,43 @@ def checkpoint_path(path: str | Path, field: str = "init_from") -> Path:
         if candidate.is_file():
             return candidate
         raise FileNotFoundError(
-            f"`{field}`={str(path)!r} is a directory without {CHECKPOINT_IN_RUN_DIR}: give a run "
-            "dir of `python -m lightning_sparse.train` (or `.oneshot`) or a checkpoint file."
+            f"`{field}`={str(path)!r}: not a checkpoint: the directory has no "
+            f"{CHECKPOINT_IN_RUN_DIR}; give a run dir of `python -m lightning_sparse.train` (or "
+            "`.oneshot`) or a checkpoint file."
         )
     if not given.is_file():
         raise FileNotFoundError(
-            f"`{field}`={str(path)!r} does not exist; give a run dir or a checkpoint file."
+            f"`{field}`={str(path)!r}: not found; give a run dir or a checkpoint file."
         )
     return given
+
+
+def readable_checkpoint(path: str | Path, field: str = "ckpt_path") -> Path:
+    """:func:`checkpoint_path`, and the file must open as a torch checkpoint (cheap: mmap).
+
+    Used before a run writes anything, so that a truncated or foreign file is named at once rather
+    than by torch's reader deep inside the run (``PytorchStreamReader failed ...``).
+
+    Raises:
+        FileNotFoundError: see :func:`checkpoint_path`.
+        NotACheckpointError: the file is truncated, not a torch file, or holds more than plain
+            data (it must load with ``torch.load(weights_only=True)``); names ``field``.
+    """
+    file = checkpoint_path(path, field)
+    is_zip = zipfile.is_zipfile(file)
+    try:
+        # A zip (torch's format since 1.6) is mapped, not read: only its small pickle is parsed.
+        torch.load(file, map_location="cpu", weights_only=True, mmap=is_zip)
+    except Exception as err:
+        reason = (
+            "truncated or not a torch file"
+            if not is_zip
+            else f"it does not load with torch.load(weights_only=True): "
+            f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__}"
+        )
+        shown = str(path) if Path(path) == file else f"{path} ({file})"
+        raise NotACheckpointError(f"`{field}`={shown!r}: not a checkpoint: {reason}.") from err
+    return file
 
 
 def read_state_dict(path: str | Path, field: str = "init_from") -> dict[str, torch.Tensor]:
@@ -121,15 +164,11 @@ def read_state_dict(path: str | Path, field: str = "init_from") -> dict[str, tor
 
     Raises:
         FileNotFoundError: see :func:`checkpoint_path`.
-        ValueError: the file is not a checkpoint (not loadable, or no tensors in it).
+        NotACheckpointError: see :func:`readable_checkpoint`.
+        ValueError: the file holds no tensors.
     """
-    file = checkpoint_path(path, field)
-    try:
-        loaded = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(
-            f"`{field}`={str(path)!r}: {file} is not a loadable checkpoint ({err})."
-        ) from err
+    file = readable_checkpoint(path, field)
+    loaded = torch.load(file, map_location="cpu", weights_only=True)
     state = loaded.get("state_dict", loaded) if isinstance(loaded, Mapping) else None
     if not isinstance(state, Mapping) or not any(
         isinstance(v, torch.Tensor) for v in state.values()

@@ -11,7 +11,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -94,19 +94,34 @@ def _float_mode(module: nn.Module) -> Iterator[None]:
             c.fake_quant, c.observe = saved[key]
 
 
-def _batches(datamodule: pl.LightningDataModule) -> Iterator[tuple[torch.Tensor, Any]]:
-    datamodule.setup("test")
-    for batch in datamodule.test_dataloader():
+# What export_model measures on: a data module (its test split), any iterable of batches (a
+# DataLoader), or one example input tensor (no accuracy then).
+ExportData = pl.LightningDataModule | Iterable[Any] | torch.Tensor
+
+
+def _batches(data: ExportData) -> Iterator[tuple[torch.Tensor, Any]]:
+    """``(inputs, labels or None)`` of each test batch of ``data``."""
+    if isinstance(data, torch.Tensor):
+        yield data, None
+        return
+    if isinstance(data, pl.LightningDataModule):
+        data.setup("test")
+        batches: Iterable[Any] = data.test_dataloader()
+    else:
+        batches = data
+    for batch in batches:
         if isinstance(batch, (list, tuple)):
             yield batch[0], (batch[1] if len(batch) > 1 else None)
+        elif isinstance(batch, Mapping):
+            yield next(iter(batch.values())), batch.get("label", batch.get("labels"))
         else:
             yield batch, None
 
 
-def _latency_batch(datamodule: pl.LightningDataModule, size: int) -> np.ndarray:
+def _latency_batch(data: ExportData, size: int) -> np.ndarray:
     inputs: list[torch.Tensor] = []
     count = 0
-    for x, _ in _batches(datamodule):
+    for x, _ in _batches(data):
         inputs.append(x)
         count += len(x)
         if count >= size:
@@ -118,7 +133,7 @@ def _latency_batch(datamodule: pl.LightningDataModule, size: int) -> np.ndarray:
 
 def export_model(
     module: nn.Module,
-    datamodule: pl.LightningDataModule,
+    data: ExportData,
     out_dir: str | Path,
     *,
     batch_size: int = 64,
@@ -127,13 +142,16 @@ def export_model(
 ) -> dict[str, Any]:
     """Write ``model.onnx``, ``model_int8.onnx`` (if quantized), ``compressed.safetensors``.
 
-    Evaluates both ONNX models with ONNX Runtime on ``datamodule``'s test split and times them side
-    by side. ``module`` is used on the CPU in eval mode and given back as it was (device, mode,
+    Evaluates both ONNX models with ONNX Runtime on ``data`` and times them side by side.
+    ``module`` is used on the CPU in eval mode and given back as it was (device, mode,
     quantization phase).
 
     Args:
-        module: the trained model; its forward takes the first element of a test batch.
-        datamodule: supplies the test split (``(inputs, labels)`` batches; labels optional).
+        module: the trained model; its forward takes the first element of a batch.
+        data: what to export, check and time with: a ``LightningDataModule`` (its test split), a
+            ``DataLoader`` or any iterable of batches (``(inputs, labels)``, a dict, or inputs
+            alone; without labels no accuracy), or one example input tensor (a batch: it fixes
+            the input shape; accuracies are None).
         out_dir: the export directory (replaced as a whole), e.g. ``<run dir>/export``.
         batch_size: batch of the latency measurement.
         latency_runs: timed runs per model (after a warm-up).
@@ -149,7 +167,15 @@ def export_model(
 
     Raises:
         ValueError: ``batch_size`` or ``latency_runs`` < 1; a quantized layer was never
-            calibrated.
+            calibrated; ``data`` gives no batch.
+
+    Example::
+
+        from lightning_sparse.deploy.export import export_model
+
+        export_model(module, DigitsDataModule(), "export")            # a data module
+        export_model(module, test_loader, "export")                   # a DataLoader
+        export_model(module, torch.randn(8, 1, 8, 8), "export")       # an example input
     """
     for field, value in (("batch_size", batch_size), ("latency_runs", latency_runs)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -162,12 +188,17 @@ def export_model(
             f"quantized layers {uncalibrated} have no observed input range; calibrate (ptq) or "
             "train with QAT observers on before exporting."
         )
+    if next(_batches(data), None) is None:
+        raise ValueError(
+            f"`data` gave no batch to export with ({type(data).__name__}); give a data module "
+            "with a test split, a DataLoader, or an example input tensor."
+        )
     device = next(module.parameters()).device
     was_training = module.training
     module.cpu().eval()
     try:
         with _atomic_dir(out_dir) as tmp:
-            summary = _export(module, datamodule, tmp, layers, batch_size, latency_runs, threads)
+            summary = _export(module, data, tmp, layers, batch_size, latency_runs, threads)
             for key in ("onnx_fp32_path", "onnx_int8_path", "compressed_path"):
                 if summary[key] is not None:
                     summary[key] = str(out_dir / Path(summary[key]).name)
@@ -181,7 +212,7 @@ def export_model(
 @torch.no_grad()
 def _export(
     module: nn.Module,
-    datamodule: pl.LightningDataModule,
+    data: ExportData,
     tmp: Path,
     layers: Mapping[str, LayerQuantizer],
     batch_size: int,
@@ -190,7 +221,7 @@ def _export(
 ) -> dict[str, Any]:
     import onnx
 
-    example = next(_batches(datamodule))[0][:2].float()
+    example = next(_batches(data))[0][:2].float()
     if len(example) < 2:  # a batch of 1 would fix the exported batch dimension
         example = example.repeat(2, *([1] * (example.dim() - 1)))
     with _float_mode(module), _quiet():
@@ -209,7 +240,7 @@ def _export(
     correct = {name: 0 for name in sessions}
     agree, total, labelled = 0, 0, True
     max_diff = 0.0
-    for x, y in _batches(datamodule):
+    for x, y in _batches(data):
         x = x.float()
         inputs = x.numpy()
         with _float_mode(module):
@@ -226,9 +257,7 @@ def _export(
             for name, logits in outputs.items():
                 correct[name] += int((logits.argmax(1) == labels).sum())
         total += len(x)
-    latency = interleaved_latency_ms(
-        sessions, _latency_batch(datamodule, batch_size), runs=latency_runs
-    )
+    latency = interleaved_latency_ms(sessions, _latency_batch(data, batch_size), runs=latency_runs)
     if max_diff > 1e-4:
         log.warning("model.onnx differs from PyTorch by up to %.3g (> 1e-4).", max_diff)
     compressed_path = tmp / COMPRESSED_FILE

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,13 +10,13 @@ from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from typing_extensions import override
 
-from lightning_sparse.callbacks import ConstantPruning
+from lightning_sparse.callbacks import ConstantPruning, progress_bar
 from lightning_sparse.callbacks.base import MASKS, compression_callbacks, to_plain
 from lightning_sparse.core.batch import batch_size
 from lightning_sparse.core.criteria import (
@@ -65,6 +64,8 @@ class OneShotStep:
     """
 
     after_finetune: ClassVar[bool] = False
+    # What the model is after the step, for the report's rows ("pruned", "quantized").
+    label: ClassVar[str] = "changed"
 
     @property
     def calibration_batches(self) -> int:
@@ -114,6 +115,8 @@ class OneShotPruning(OneShotStep):
         step = OneShotPruning(sparsity=0.7, criterion="wanda", calibration_batches=8)
         summary = oneshot(module, datamodule, [step], finetune_epochs=2)
     """
+
+    label: ClassVar[str] = "pruned"
 
     def __init__(
         self,
@@ -182,6 +185,7 @@ class OneShotPruning(OneShotStep):
     def apply(self, module: nn.Module, calibration: Sequence[Any]) -> dict[str, Any]:
         targets = resolve_params(module, self.params)
         self._targets = list(targets)
+        had = _zeros_fraction(targets.values())
         batches = calibration[: self.calibration_batches] if self.calibration_batches else None
         scores = criterion_scores(module, targets, self.criterion, batches)
         masks = criterion_masks(scores, self.sparsity, self._mask_type, self.global_sparsity)
@@ -194,6 +198,10 @@ class OneShotPruning(OneShotStep):
             "calibration_batches_used": len(batches) if batches else 0,
             "calibration_samples": samples,
             "pruned": {name: int((~mask).sum().item()) for name, mask in masks.items()},
+            # Zeros over the targets before and after: a model sparser than `sparsity` already
+            # stays so (pruning never regrows a weight), which the report then says.
+            "sparsity_before": had,
+            "sparsity_reached": _zeros_fraction(targets.values()),
         }
 
     @override
@@ -235,6 +243,7 @@ class OneShotQuantization(OneShotStep):
     """
 
     after_finetune: ClassVar[bool] = True
+    label: ClassVar[str] = "quantized"
 
     def __init__(
         self,
@@ -292,6 +301,13 @@ class OneShotQuantization(OneShotStep):
         return {"calibration_batches": self._calibration_batches, **self.options}
 
 
+def _zeros_fraction(weights: Any) -> float:
+    tensors = list(weights)
+    total = sum(t.numel() for t in tensors)
+    zeros = sum(int((t.detach() == 0).sum().item()) for t in tensors)
+    return zeros / total if total else 0.0
+
+
 class OneShotRecord(Callback):
     """Stores what the one-shot steps did inside the checkpoints, as plain data.
 
@@ -306,6 +322,9 @@ class OneShotRecord(Callback):
         self.reports: dict[str, Any] = {}
         # Scales of a post-training quantization step, under the key the export looks for.
         self.quantization: dict[str, Any] | None = None
+
+    def __repr__(self) -> str:
+        return f"OneShotRecord(recipe_name={self.recipe_name!r}, steps={list(self.steps)})"
 
     @property
     @override
@@ -538,14 +557,15 @@ def _finetune(
     kwargs["max_epochs"] = plan.finetune_epochs
     kwargs.pop("max_steps", None)
     wanted = kwargs.pop("enable_progress_bar", None)
-    show = sys.stdout.isatty() if wanted is None else bool(wanted)
+    show = True if wanted is None else bool(wanted)
     callbacks: list[Callback] = [*plan.finetune_callbacks, *records]
     if output_dir is not None:
         callbacks.append(ModelCheckpoint(dirpath=output_dir / FINETUNE_CHECKPOINTS, save_last=True))
     else:
         kwargs["enable_checkpointing"] = False
-    if show and sys.stdout.isatty():
-        callbacks.append(RichProgressBar())
+    if show:
+        # A rich bar in a terminal, one line per epoch in a file or pipe (as `train`).
+        callbacks.append(progress_bar())
     trainer = pl.Trainer(**kwargs, enable_progress_bar=show, callbacks=callbacks, logger=loggers)
     trainer.fit(plan.module, datamodule=plan.datamodule)
     return int(trainer.current_epoch)
@@ -574,10 +594,12 @@ def execute(
         source: the checkpoint the model came from, for the summary.
 
     Returns:
-        The summary: ``before``, ``after_oneshot`` and ``after_finetune`` (None without a
-        fine-tune) each with ``test_acc``, ``val_acc``, ``sparsity``; the final ``test_acc``,
-        ``val_acc``, ``sparsity`` and ``sparsity_per_layer`` over the pruned weights; the
-        ``criterion``; one report per step under ``steps``.
+        The summary: ``before``, ``after_oneshot``, ``after_finetune`` and
+        ``after_quantization`` (None where there was no such stage) each with ``test_acc``,
+        ``val_acc``, ``sparsity``, and the same as one row per stage under ``stages``; the final
+        ``test_acc``, ``val_acc``, ``sparsity`` and ``sparsity_per_layer`` over the pruned
+        weights (every prunable weight when no step prunes); the ``criterion``; one report per
+        step under ``steps``; ``notes`` (e.g. a pruning step that ended above its target).
     """
     directory = Path(output_dir) if output_dir is not None else None
     configs = {name: step.config() for name, step in plan.steps.items()}
@@ -585,24 +607,36 @@ def execute(
     # As in `train`, checkpoints carry the recipe they were made with (here: the fine-tune's).
     records = [record, RecipeRecord(recipe_name, (recipe or {}).get("recipe") or {})]
     evaluator = _eval_trainer(plan.trainer_kwargs, records)
-    names = plan.target_names
+    # The weights the steps prune, else (post-training quantization alone) every prunable one:
+    # an 80%-sparse model quantized is still 80% sparse, and the report says so.
+    names = report.pruned_parameter_names(plan.module, plan.steps.values())
     before = _measure(plan, evaluator, names)
-    for name, step in plan.steps.items():
-        if not step.after_finetune:
-            record.reports[name] = step.apply(plan.module, plan.calibration)
-    names = plan.target_names
+    stages = [{"stage": "trained", **before}]
+    early = {n: s for n, s in plan.steps.items() if not s.after_finetune}
+    for name, step in early.items():
+        record.reports[name] = step.apply(plan.module, plan.calibration)
     after = _measure(plan, evaluator, names)
+    if early:
+        stages.append({"stage": _stage_label(early), **after})
     finetuned = None
     epochs = 0
     if plan.finetune_epochs > 0:
         epochs = _finetune(plan, directory, loggers, records)
         finetuned = _measure(plan, evaluator, names)
+        stages.append({"stage": "fine-tuned", **finetuned})
     late = {n: s for n, s in plan.steps.items() if s.after_finetune}
+    quantized = None
     for name, step in late.items():
         record.reports[name] = step.apply(plan.module, plan.calibration)
         if isinstance(step, OneShotQuantization):
             record.quantization = step.quantization_state
-    final = _measure(plan, evaluator, names) if late else (finetuned or after)
+    if late:
+        quantized = _measure(plan, evaluator, names)
+        stages.append({"stage": _stage_label(late), **quantized})
+    final = quantized or finetuned or after
+    notes = _sparsity_notes(plan.steps, record.reports)
+    for note in notes:
+        log.warning(note)
 
     checkpoint = None
     if directory is not None:
@@ -631,9 +665,35 @@ def execute(
         before=before,
         after_oneshot=after,
         after_finetune=finetuned,
+        after_quantization=quantized,
+        stages=stages,
         steps=record.reports,
+        notes=notes,
     )
     return summary
+
+
+def _stage_label(steps: Mapping[str, OneShotStep]) -> str:
+    """A row's name: what the steps made of the model (``pruned``), and which entries did it."""
+    labels = list(dict.fromkeys(step.label for step in steps.values()))
+    return f"{' + '.join(labels)} ({', '.join(f'oneshot.{name}' for name in steps)})"
+
+
+def _sparsity_notes(steps: Mapping[str, OneShotStep], reports: Mapping[str, Any]) -> list[str]:
+    """A pruning step that ends above its target (the model was sparser already) says so."""
+    notes = []
+    for name, step in steps.items():
+        reached = reports.get(name, {}).get("sparsity_reached")
+        if not isinstance(step, OneShotPruning) or reached is None:
+            continue
+        if reached > step.sparsity + 0.005:
+            had = reports[name].get("sparsity_before", 0.0)
+            notes.append(
+                f"oneshot.{name}: asked for {100 * step.sparsity:.2f}% zeros, the weights now hold "
+                f"{100 * reached:.2f}%: they had {100 * had:.2f}% already, and pruning never "
+                "regrows a weight."
+            )
+    return notes
 
 
 def oneshot(

@@ -62,6 +62,9 @@ class DenseSnapshot(Callback):
         self.taken_at: float | None = None
         self.weights: dict[str, torch.Tensor] | None = None
 
+    def __repr__(self) -> str:
+        return f"DenseSnapshot(epoch={self.epoch:g})"
+
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int

@@ -18,7 +18,8 @@ from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig
 from typing_extensions import override
 
-from lightning_sparse.run import report
+from lightning_sparse.run import plots
+from lightning_sparse.run.files import STATUS_FAILED, STATUS_OK, SUMMARY_FILE
 
 __all__ = [
     "LATENCY_KEYS",
@@ -29,8 +30,11 @@ __all__ = [
     "SweepFailedError",
     "SweepReport",
     "collect_runs",
+    "is_sweep",
     "mark_pareto_front",
     "markdown_report",
+    "pareto_points",
+    "pareto_title",
     "write_report",
 ]
 
@@ -43,6 +47,10 @@ PLOT_FILE = "pareto.png"
 # lightning_sparse.export measured (at the top level or under "export"); int8 latency before fp32.
 SIZE_KEYS = ("size_bytes", "compressed_bytes")
 LATENCY_KEYS = ("latency_ms", "ort_int8_ms", "ort_fp32_ms")
+# Which model a latency key measured, for the table (a plain `latency_ms` says nothing).
+_LATENCY_KINDS = {"ort_int8_ms": "int8", "ort_fp32_ms": "fp32"}
+# Hydra writes it at the top of every sweep dir: what tells a sweep from a folder of runs.
+MULTIRUN_FILE = "multirun.yaml"
 
 # Folders a run writes inside itself; never runs of their own, so the search skips them.
 _NOT_RUNS = {"wandb", "checkpoints", "csv", "plots", "ranks", "lightning_logs"}
@@ -66,13 +74,14 @@ class RunRecord:
     params_nonzero: int | None = None
     size_bytes: float | None = None
     latency_ms: float | None = None
+    latency_kind: str | None = None
     error: str | None = None
     pareto: bool = False
 
     @property
     def failed(self) -> bool:
         """Whether the run produced no result."""
-        return self.status == report.STATUS_FAILED
+        return self.status == STATUS_FAILED
 
 
 def _natural_key(text: str) -> list[Any]:
@@ -81,7 +90,7 @@ def _natural_key(text: str) -> list[Any]:
 
 
 def _is_run_dir(path: Path) -> bool:
-    return (path / report.SUMMARY_FILE).is_file() or (path / ".hydra" / "overrides.yaml").is_file()
+    return (path / SUMMARY_FILE).is_file() or (path / ".hydra" / "overrides.yaml").is_file()
 
 
 def _run_dirs(sweep_dir: Path) -> list[Path]:
@@ -125,11 +134,11 @@ def _read_run(sweep_dir: Path, run_dir: Path) -> RunRecord:
     record = RunRecord(
         job=job,
         run_dir=run_dir,
-        status=report.STATUS_FAILED,
+        status=STATUS_FAILED,
         overrides=[str(o) for o in overrides] if isinstance(overrides, list) else [],
         recipe=_choice(run_dir, "recipe"),
     )
-    path = run_dir / report.SUMMARY_FILE
+    path = run_dir / SUMMARY_FILE
     if not path.is_file():
         record.error = "no summary.json: the job crashed, was killed, or is still running"
         return record
@@ -140,7 +149,7 @@ def _read_run(sweep_dir: Path, run_dir: Path) -> RunRecord:
     except (OSError, ValueError) as err:
         record.error = f"unreadable summary.json: {err}"
         return record
-    record.status = str(summary.get("status", report.STATUS_OK))
+    record.status = str(summary.get("status", STATUS_OK))
     record.error = summary.get("error")
     record.recipe = (summary.get("recipe") or {}).get("name") or record.recipe
     record.test_acc = _number(summary.get("test_acc"))
@@ -149,24 +158,51 @@ def _read_run(sweep_dir: Path, run_dir: Path) -> RunRecord:
     record.params_nonzero = None if nonzero is None else int(nonzero)
     export = summary.get("export")
     export = export if isinstance(export, dict) else {}
-    record.size_bytes = _first_number(summary, export, SIZE_KEYS)
-    record.latency_ms = _first_number(summary, export, LATENCY_KEYS)
+    record.size_bytes = _first_number(summary, export, SIZE_KEYS)[0]
+    record.latency_ms, latency_key = _first_number(summary, export, LATENCY_KEYS)
+    record.latency_kind = _LATENCY_KINDS.get(latency_key or "")
     return record
 
 
 def _first_number(
     summary: dict[str, Any], export: dict[str, Any], keys: Sequence[str]
-) -> float | None:
+) -> tuple[float | None, str | None]:
+    """The first of ``keys`` with a number, and which key it was."""
     for key in keys:
         for source in (summary, export):
             value = _number(source.get(key))
             if value is not None:
-                return value
-    return None
+                return value, key
+    return None, None
+
+
+def _mode(run_dir: Path) -> str | None:
+    hydra_cfg = _read_yaml(run_dir / ".hydra" / "hydra.yaml")
+    try:
+        return str(hydra_cfg["hydra"]["mode"])
+    except (KeyError, TypeError):
+        return None
+
+
+def is_sweep(folder: str | Path) -> bool:
+    """Whether ``folder`` is one sweep's dir, or a single run.
+
+    A sweep dir holds Hydra's ``multirun.yaml`` (the basic sweeper writes it when the sweep
+    starts), or only jobs of a multirun as its direct children (as Optuna's sweeper leaves them).
+    A date dir of separate runs is neither.
+    """
+    folder = Path(folder)
+    if (folder / MULTIRUN_FILE).is_file() or _is_run_dir(folder):
+        return True
+    runs = _run_dirs(folder)
+    return bool(runs) and all(run.parent == folder and _mode(run) == "MULTIRUN" for run in runs)
 
 
 def collect_runs(sweep_dir: str | Path) -> list[RunRecord]:
     """Every run under ``sweep_dir`` (the dir itself, when it is a single run), in job order.
+
+    The Pareto front is marked only within one sweep: runs that merely share a folder (a date dir
+    of separate runs) need not share data, model or task, and a front across them would mislead.
 
     Raises:
         FileNotFoundError: ``sweep_dir`` is not a directory.
@@ -175,7 +211,8 @@ def collect_runs(sweep_dir: str | Path) -> list[RunRecord]:
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"{sweep_dir} is not a directory.")
     records = [_read_run(sweep_dir, run_dir) for run_dir in _run_dirs(sweep_dir)]
-    mark_pareto_front(records)
+    if is_sweep(sweep_dir):
+        mark_pareto_front(records)
     return records
 
 
@@ -188,7 +225,7 @@ def mark_pareto_front(records: Sequence[RunRecord]) -> list[RunRecord]:
     scored = [
         (r.test_acc, r.params_nonzero, r)
         for r in records
-        if r.status == report.STATUS_OK and r.test_acc is not None and r.params_nonzero is not None
+        if r.status == STATUS_OK and r.test_acc is not None and r.params_nonzero is not None
     ]
     for record in records:
         record.pareto = False
@@ -239,7 +276,9 @@ def _common_overrides(records: Sequence[RunRecord]) -> list[str]:
     return [o for o in records[0].overrides if o in common]
 
 
-def markdown_report(records: Sequence[RunRecord], title: str = "Sweep") -> str:
+def markdown_report(
+    records: Sequence[RunRecord], title: str = "Sweep", note: str | None = None
+) -> str:
     """The comparison as markdown: a summary line, one table row per run, then the failures."""
     failed = [r for r in records if r.failed]
     runs = f"{len(records)} run{'' if len(records) == 1 else 's'}"
@@ -248,13 +287,18 @@ def markdown_report(records: Sequence[RunRecord], title: str = "Sweep") -> str:
         "",
         f"{runs}: {len(records) - len(failed)} completed, {len(failed)} failed.",
     ]
+    if note:
+        lines += ["", note]
     common = _common_overrides(records) if len(records) > 1 else []
     if common:
         lines += ["", "Common overrides: " + " ".join(f"`{o}`" for o in common)]
     columns = ["job", "status", "recipe", "overrides", "test acc", "sparsity", "nonzero params"]
     with_size = any(r.size_bytes is not None for r in records)
     with_latency = any(r.latency_ms is not None for r in records)
-    columns += ["size"] * with_size + ["latency (ms)"] * with_latency + ["Pareto"]
+    kinds = {r.latency_kind for r in records if r.latency_ms is not None}
+    one_kind = next(iter(kinds)) if len(kinds) == 1 else None
+    latency_header = f"latency {one_kind} (ms)" if one_kind else "latency (ms)"
+    columns += ["size"] * with_size + [latency_header] * with_latency + ["Pareto"]
     lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in records:
         varying = [o for o in r.overrides if o not in common]
@@ -270,7 +314,10 @@ def markdown_report(records: Sequence[RunRecord], title: str = "Sweep") -> str:
         if with_size:
             cells.append(_size(r.size_bytes))
         if with_latency:
-            cells.append("—" if r.latency_ms is None else f"{r.latency_ms:.3f}")
+            latency = "—" if r.latency_ms is None else f"{r.latency_ms:.3f}"
+            if r.latency_ms is not None and one_kind is None and r.latency_kind:
+                latency += f" ({r.latency_kind})"  # mixed: say which model each one timed
+            cells.append(latency)
         cells.append("✓" if r.pareto else "")
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     if failed:
@@ -295,27 +342,65 @@ def write_report(
     """
     sweep_dir = Path(sweep_dir)
     records = collect_runs(sweep_dir)
-    text = markdown_report(records, title=f"Sweep {sweep_dir}")
+    sweep = is_sweep(sweep_dir)
+    note = None
+    if not sweep and len(records) > 1:
+        note = (
+            f"Not one sweep: {sweep_dir} has no {MULTIRUN_FILE}, so these are separate runs "
+            "(they need not share data, model or task). No Pareto front or plot is drawn; give "
+            "a sweep dir (runs/<task>/multirun/<date>/<time>) to compare a sweep."
+        )
+    title = f"Sweep {sweep_dir}" if sweep else f"Runs under {sweep_dir}"
+    text = markdown_report(records, title=title, note=note)
     output = Path(output_dir) if output_dir is not None else sweep_dir
     output.mkdir(parents=True, exist_ok=True)
     (output / MARKDOWN_FILE).write_text(text)
     plot_path: Path | None = None
-    if plot and report.plots_available():
-        points = [
-            (r.job, float(r.params_nonzero), r.test_acc, r.pareto)
-            for r in records
-            if r.status == report.STATUS_OK
-            and r.test_acc is not None
-            and r.params_nonzero is not None
-        ]
-        failed = sum(r.failed for r in records)
-        title = f"{sweep_dir.name}: accuracy vs nonzero params"
-        if failed:
-            title += f" ({failed} failed, not shown)"
-        plot_path = report.plot_pareto(points, output / PLOT_FILE, title=title)
-    elif plot:
+    if plot and sweep and plots.plots_available():
+        plot_path = plots.plot_pareto(
+            pareto_points(records), output / PLOT_FILE, title=pareto_title(records, sweep_dir)
+        )
+    elif plot and sweep:
         log.info("matplotlib is not installed (extra `plots`): no Pareto plot.")
     return text, records, plot_path
+
+
+def _point_label(record: RunRecord, common: Sequence[str]) -> str:
+    """What tells the run apart: its swept values (``final_sparsity=0.9``), else its job."""
+    varying = [o for o in record.overrides if o not in common]
+    if not varying:
+        return record.job
+    return ", ".join(
+        f"{key.rsplit('.', 1)[-1]}={value}"
+        for key, _, value in (o.lstrip("+~").partition("=") for o in varying)
+    )
+
+
+def pareto_points(records: Sequence[RunRecord]) -> list[tuple[str, float, float, bool]]:
+    """``(label, nonzero params, accuracy, on the front)`` of each completed run, for the plot."""
+    common = _common_overrides(records) if len(records) > 1 else []
+    return [
+        (_point_label(r, common), float(r.params_nonzero), r.test_acc, r.pareto)
+        for r in records
+        if r.status == STATUS_OK and r.test_acc is not None and r.params_nonzero is not None
+    ]
+
+
+def pareto_title(records: Sequence[RunRecord], sweep_dir: Path) -> str:
+    """The plot's title: what was swept, over which recipe, and which sweep (date/time)."""
+    common = _common_overrides(records) if len(records) > 1 else []
+    swept = sorted(
+        {o.lstrip("+~").partition("=")[0] for r in records for o in r.overrides if o not in common}
+    )
+    recipes = sorted({r.recipe for r in records if r.recipe})
+    what = f"{', '.join(recipes)}: " if recipes else ""
+    over = f" over {', '.join(swept)}" if swept else ""
+    title = f"{what}test accuracy vs nonzero parameters{over}"
+    failed = sum(r.failed for r in records)
+    if failed:
+        title += f" ({failed} failed, not shown)"
+    when = "/".join(sweep_dir.parts[-2:])
+    return f"{title}\nsweep {when}"
 
 
 class SweepReport(HydraCallback):

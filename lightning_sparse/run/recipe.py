@@ -17,14 +17,10 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from lightning.pytorch.callbacks import Callback
@@ -32,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from typing_extensions import override
 
 from lightning_sparse.callbacks.base import MASKS, CompressionCallback, check_timing
+from lightning_sparse.run.cli import compose_config, config_dir
 
 __all__ = [
     "RecipeError",
@@ -51,13 +48,6 @@ __all__ = [
 
 class RecipeError(ValueError):
     """A recipe is invalid; the message names the recipe entry and the field."""
-
-
-def config_dir() -> Path:
-    """The Hydra config directory: inside the package when installed, else at the repo's top."""
-    package = Path(__file__).resolve().parent.parent
-    bundled = package / "conf"  # a wheel carries conf/ inside the package (see pyproject.toml)
-    return bundled if bundled.is_dir() else package.parent / "conf"
 
 
 def recipe_to_dict(recipe: Mapping[str, Any] | DictConfig | None) -> dict[str, dict[str, Any]]:
@@ -314,6 +304,9 @@ class RecipeRecord(Callback):
         self.config = None if config is None else dict(config)
         self.restored: dict[str, Any] | None = None
 
+    def __repr__(self) -> str:
+        return f"RecipeRecord(name={self.name!r}, entries={list(self.recipe)})"
+
     @property
     @override
     def state_key(self) -> str:
@@ -329,44 +322,6 @@ class RecipeRecord(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.restored = dict(state_dict)
-
-
-@contextmanager
-def _own_hydra(job_name: str) -> Iterator[None]:
-    """Initialise Hydra on our config dir, even inside another Hydra app, and restore it after."""
-    global_hydra = GlobalHydra.instance()
-    outer = global_hydra.hydra if global_hydra.is_initialized() else None
-    if outer is not None:
-        global_hydra.clear()
-    try:
-        with initialize_config_dir(str(config_dir()), job_name=job_name, version_base="1.3"):
-            yield
-    finally:
-        if outer is not None:
-            GlobalHydra.instance().clear()
-            GlobalHydra.instance().initialize(outer)
-
-
-def compose_config(
-    overrides: Sequence[str] = (), config_name: str = "train", return_hydra_config: bool = False
-) -> DictConfig:
-    """Compose the shipped configs outside a Hydra app (tests, notebooks, scripts).
-
-    Args:
-        overrides: Hydra command-line overrides, e.g. ``["recipe=gmp", "trainer.max_epochs=5"]``.
-        config_name: the primary config in ``conf/``.
-        return_hydra_config: keep the ``hydra`` node (needed to set ``HydraConfig`` by hand).
-
-    Example::
-
-        cfg = compose_config(["data=synthetic", "recipe.pruning.final_sparsity=0.8"])
-    """
-    with _own_hydra(job_name="lightning_sparse"):
-        return compose(
-            config_name=config_name,
-            overrides=list(overrides),
-            return_hydra_config=return_hydra_config,
-        )
 
 
 def load(name: str, overrides: Sequence[str] = ()) -> list[Callback]:

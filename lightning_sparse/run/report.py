@@ -5,8 +5,7 @@ so the summary shows what the model really holds. A summary carries a ``status``
 ``interrupted`` (training stopped early; what was trained is measured) or ``failed`` (the error
 instead of metrics), so a sweep's comparison can tell the three apart.
 
-Plots use matplotlib's object API on the Agg canvas (no display, no global pyplot state); without
-matplotlib installed (it comes with the ``plots`` extra) they are skipped.
+Plots live in :mod:`lightning_sparse.run.plots` (re-exported here).
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import traceback
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,21 @@ from typing_extensions import override
 
 from lightning_sparse.callbacks.base import MASKS, CompressionCallback
 from lightning_sparse.core.targets import prunable_parameters
+from lightning_sparse.run.console import show, show_line
+from lightning_sparse.run.files import (
+    ENVIRONMENT_FILE,
+    PLOTS_DIR,
+    STATUS_FAILED,
+    STATUS_INTERRUPTED,
+    STATUS_OK,
+    SUMMARY_FILE,
+)
+from lightning_sparse.run.plots import (
+    plot_pareto,
+    plot_sparsity_per_layer,
+    plot_sparsity_schedule,
+    plots_available,
+)
 
 __all__ = [
     "ENVIRONMENT_FILE",
@@ -54,6 +68,7 @@ __all__ = [
     "print_summary",
     "pruned_parameter_names",
     "sparsity_stats",
+    "summary_footer",
     "summary_table",
     "tensor_digest",
     "weights_digest",
@@ -63,13 +78,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SUMMARY_FILE = "summary.json"
-ENVIRONMENT_FILE = "environment.json"
-PLOTS_DIR = "plots"
-
-STATUS_OK = "ok"
-STATUS_INTERRUPTED = "interrupted"
-STATUS_FAILED = "failed"
 
 # Distributions whose versions a run records: the core stack, then optional backends (None when
 # not installed). Looked up by distribution name, so nothing here gets imported.
@@ -184,6 +192,8 @@ def build_summary(
         "epochs": int(epochs),
         "params_total": params_total,
         "params_nonzero": params_nonzero,
+        # Equal digests mean bit-identical final weights (e.g. two runs with the same seed).
+        "weights_digest": weights_digest(model.state_dict()),
         "checkpoint": checkpoint,
         "run_dir": str(run_dir),
         "environment": dict(environment) if environment is not None else None,
@@ -229,14 +239,18 @@ def write_json(data: Mapping[str, Any], path: str | Path) -> Path:
     """Write ``data`` as JSON to ``path`` atomically; return the path.
 
     A reader (a sweep's comparison, a dashboard) never sees a half-written file: the JSON goes to a
-    temporary file in the same directory, which then replaces the target in one step.
+    temporary file in the same directory, which then replaces the target in one step. The file
+    gets the permissions the umask gives any new file (a temporary file is private, 0600).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, tmp_name = tempfile.mkstemp(
         prefix=f".{path.stem}-", suffix=".json", dir=path.parent
     )
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.fchmod(descriptor, 0o666 & ~umask)
         with os.fdopen(descriptor, "w") as handle:
             json.dump(data, handle, indent=2, sort_keys=False)
             handle.write("\n")
@@ -289,7 +303,8 @@ def environment_info() -> dict[str, Any]:
 
     ``git.commit`` is ``unknown`` when the package is not in a git checkout (an installed wheel);
     ``git.dirty`` tells whether tracked files differ from that commit. Backends that are not
-    installed are recorded as ``null``.
+    installed are recorded as ``null``. ``threads`` is torch's intra-op thread count in force
+    (the ``threads`` config value, set before any work).
     """
     package_dir = Path(__file__).resolve().parent
     return {
@@ -300,6 +315,9 @@ def environment_info() -> dict[str, Any]:
         "backends": {name: _version(name) for name in _BACKEND_PACKAGES},
         "cuda": torch.version.cuda,
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        # Results depend on the thread count (reduction order), so a rerun must match it.
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
     }
 
 
@@ -333,6 +351,9 @@ class SparsityHistory(Callback):
 
     def __init__(self) -> None:
         self.history: list[tuple[float, float]] = []
+
+    def __repr__(self) -> str:
+        return f"SparsityHistory(points={len(self.history)})"
 
     def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: float) -> None:
         names = pruned_parameter_names(pl_module, trainer.callbacks)  # type: ignore[attr-defined]
@@ -370,6 +391,9 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
     )
     table.add_row("epochs", str(summary.get("epochs")))
     table.add_row("seed", str(summary.get("seed")))
+    threads = (summary.get("environment") or {}).get("threads")
+    if threads is not None:
+        table.add_row("threads (torch intra-op)", str(threads))
     if summary.get("compressed_bytes") is not None:
         table.add_section()
         table.add_row("ONNX Runtime fp32 accuracy", _percent(summary.get("onnx_fp32_acc")))
@@ -389,12 +413,22 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
     table.add_section()
     for name, value in (summary.get("sparsity_per_layer") or {}).items():
         table.add_row(f"  {name}", _percent(value))
-    table.add_section()
+    return table
+
+
+def summary_footer(summary: Mapping[str, Any]) -> list[str]:
+    """The lines printed under the table: the run dir and the git commit, whole at any width.
+
+    They are what ``resume=``, ``ckpt_path=`` and a rerun need, so they are never cut to a
+    table cell.
+    """
+    lines = []
+    if summary.get("run_dir"):
+        lines.append(f"run dir: {summary['run_dir']}")
     git = (summary.get("environment") or {}).get("git") or {}
     if git:
-        table.add_row("git commit", f"{git.get('commit')}{' (dirty)' if git.get('dirty') else ''}")
-    table.add_row("run dir", str(summary.get("run_dir")))
-    return table
+        lines.append(f"git commit: {git.get('commit')}{' (dirty)' if git.get('dirty') else ''}")
+    return lines
 
 
 def _add_dense_rows(table: Table, summary: Mapping[str, Any]) -> None:
@@ -423,122 +457,11 @@ def _add_dense_rows(table: Table, summary: Mapping[str, Any]) -> None:
 
 
 def print_summary(summary: Mapping[str, Any], console: Console | None = None) -> None:
-    """Print :func:`summary_table` in one console print (call it on rank zero only)."""
-    (console or Console()).print(summary_table(summary))
+    """Print :func:`summary_table`, then :func:`summary_footer` (call it on rank zero only).
 
-
-def plots_available() -> bool:
-    """Whether matplotlib is installed (the ``plots`` extra)."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _figure(width: float, height: float) -> Any:
-    # The object API draws on the Agg canvas without touching pyplot's global state or a display,
-    # so plotting is safe in worker processes and threads of a sweep.
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), dpi=100, layout="constrained")
-
-
-def plot_sparsity_per_layer(per_layer: Mapping[str, float], path: str | Path) -> Path:
-    """Horizontal bars: the fraction of zeros in each pruned weight; saved as PNG at ``path``."""
-    names = list(per_layer)
-    figure = _figure(7.0, 1.0 + 0.35 * max(len(names), 1))
-    axes = figure.add_subplot()
-    axes.barh(names, [100 * per_layer[name] for name in names], color="tab:blue")
-    axes.invert_yaxis()  # first layer on top, as in the model
-    axes.set_xlim(0, 100)
-    axes.set_xlabel("zeros (%)")
-    axes.set_title("Sparsity per layer")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    return path
-
-
-def plot_sparsity_schedule(
-    history: Sequence[tuple[float, float]],
-    schedules: Mapping[str, Any],
-    max_epochs: float,
-    path: str | Path,
-) -> Path:
-    """Target sparsity of each schedule over epochs (steps) and the measured sparsity (dots).
-
-    Args:
-        history: ``(epoch, measured sparsity)`` pairs, e.g. :attr:`SparsityHistory.history`.
-        schedules: ``{label: schedule}``: a function of the epochs, or an object with
-            ``sparsity_at(epoch)`` (a ``SparsitySchedule``).
-        max_epochs: right end of the epoch axis.
-        path: where the PNG goes.
+    The same text goes to the run's log file.
     """
-    figure = _figure(7.0, 4.0)
-    axes = figure.add_subplot()
-    end = max(float(max_epochs), max((epoch for epoch, _ in history), default=0.0), 1.0)
-    samples = 400
-    epochs = [end * i / samples for i in range(samples + 1)]
-    for label, schedule in schedules.items():
-        values = schedule(epochs) if callable(schedule) else map(schedule.sparsity_at, epochs)
-        targets = [100 * value for value in values]
-        axes.step(epochs, targets, where="post", label=f"{label} target")
-    if history:
-        axes.plot(
-            [epoch for epoch, _ in history],
-            [100 * value for _, value in history],
-            "o",
-            color="black",
-            label="measured",
-        )
-    axes.set_xlim(0, end)
-    axes.set_ylim(0, 100)
-    axes.set_xlabel("epoch")
-    axes.set_ylabel("zeros in pruned weights (%)")
-    axes.set_title("Sparsity schedule")
-    axes.legend(loc="lower right")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    return path
-
-
-def plot_pareto(
-    points: Sequence[tuple[str, float, float, bool]], path: str | Path, title: str = ""
-) -> Path:
-    """Accuracy against nonzero parameters, the Pareto front joined by a line; a PNG at ``path``.
-
-    Args:
-        points: ``(label, nonzero params, accuracy in [0, 1], on the Pareto front)`` per run.
-        path: where the PNG goes.
-        title: the plot's title (e.g. the sweep dir).
-    """
-    figure = _figure(7.0, 5.0)
-    axes = figure.add_subplot()
-    others = [p for p in points if not p[3]]
-    front = sorted((p for p in points if p[3]), key=lambda p: p[1])
-    if others:
-        axes.scatter(
-            [p[1] for p in others], [100 * p[2] for p in others], color="tab:gray", label="run"
-        )
-    if front:
-        axes.plot(
-            [p[1] for p in front],
-            [100 * p[2] for p in front],
-            "o-",
-            color="tab:red",
-            label="Pareto front",
-        )
-    for label, size, accuracy, _ in points:
-        axes.annotate(label, (size, 100 * accuracy), textcoords="offset points", xytext=(4, 4))
-    axes.set_xlabel("nonzero parameters")
-    axes.set_ylabel("test accuracy (%)")
-    axes.set_title(title or "Accuracy vs size")
-    if points:
-        axes.legend(loc="lower right")
-    axes.grid(True, alpha=0.3)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    return path
+    console = console or Console()
+    show(summary_table(summary), console)
+    for line in summary_footer(summary):
+        show_line(line, console)

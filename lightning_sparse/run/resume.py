@@ -30,7 +30,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_sparse.core.checkpoint import checkpoint_path
+from lightning_sparse.core.checkpoint import readable_checkpoint
 
 __all__ = ["CONFIG_STATE_KEY", "RESUME_FILE", "ResumeError", "resume_config", "stored_config"]
 
@@ -102,8 +102,10 @@ def resume_config(cfg: DictConfig) -> tuple[DictConfig, str | None]:
     Raises:
         FileNotFoundError: ``resume`` names nothing, or a run dir without
             ``checkpoints/last.ckpt``.
-        ResumeError: ``ckpt_path`` is given too, the checkpoint holds no config, or the command
-            line chooses another option of a config group.
+        NotACheckpointError: the file is truncated or not a torch checkpoint.
+        ResumeError: ``ckpt_path`` is given too, the checkpoint holds no config, the command
+            line chooses another option of a config group, or the run has no epochs left to train
+            ("nothing to do").
     """
     if cfg.get("ckpt_path"):
         raise ResumeError(
@@ -111,7 +113,7 @@ def resume_config(cfg: DictConfig) -> tuple[DictConfig, str | None]:
             "give `resume` to continue a run with its stored config, or `ckpt_path` to start "
             "from the checkpoint with the config composed now."
         )
-    checkpoint = checkpoint_path(str(cfg.resume), field="resume").resolve()
+    checkpoint = readable_checkpoint(str(cfg.resume), field="resume").resolve()
     stored, recipe_name = stored_config(checkpoint)
     resumed = OmegaConf.create(stored)
     overrides, choices = _command_line()
@@ -137,15 +139,61 @@ def resume_config(cfg: DictConfig) -> tuple[DictConfig, str | None]:
         else:
             OmegaConf.update(resumed, key, override.value(), merge=False, force_add=True)
         applied.append(override.input_line or key)
+    _take_new_keys(resumed, cfg)
     resumed.output_dir = str(cfg.output_dir)
     resumed.ckpt_path = str(checkpoint)
     resumed.resume = str(cfg.resume)
+    _check_work_left(checkpoint, resumed, cfg.resume)
     log.info(
         "Resuming %s with its stored config%s.",
         checkpoint,
         f", changed by {', '.join(applied)}" if applied else "",
     )
     return resumed, recipe_name
+
+
+def _take_new_keys(resumed: DictConfig, current: DictConfig) -> None:
+    """Keys the stored config lacks (added to the package since) come from the config composed now.
+
+    A run trained before ``callbacks`` or ``threads`` existed then resumes with today's defaults
+    for them, instead of failing on a missing key.
+    """
+    new = [str(key) for key in current if key != "hydra" and key not in resumed]
+    if not new:
+        return
+    # Unresolved: an interpolation (`${output_dir}/checkpoints`) resolves in the resumed run.
+    values = OmegaConf.to_container(OmegaConf.masked_copy(current, new), resolve=False)
+    assert isinstance(values, dict)
+    for key, value in values.items():
+        resumed[str(key)] = value
+
+
+def finished_epochs(checkpoint: Path) -> int | None:
+    """How many epochs the checkpoint's training had processed (None: not a training checkpoint)."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    progress = state.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
+    processed = progress.get("current", {}).get("processed")
+    return int(processed) if isinstance(processed, int) else None
+
+
+def _check_work_left(checkpoint: Path, resumed: DictConfig, given: Any) -> None:
+    """Refuse to resume a run that has trained all its epochs: it would train none and say nothing.
+
+    Raises:
+        ResumeError: the checkpoint's epochs reach ``trainer.max_epochs`` (with no ``max_steps``).
+    """
+    trainer = resumed.get("trainer") or {}
+    max_epochs = trainer.get("max_epochs")
+    max_steps = trainer.get("max_steps", -1)
+    if not isinstance(max_epochs, int) or max_epochs < 0 or (max_steps not in (None, -1)):
+        return
+    done = finished_epochs(checkpoint)
+    if done is not None and done >= max_epochs:
+        raise ResumeError(
+            f"`resume`={str(given)!r}: nothing to do: the run has trained all its {done} epochs "
+            f"(trainer.max_epochs={max_epochs}). To train it further give a larger "
+            f"trainer.max_epochs (e.g. trainer.max_epochs={done + max(1, done // 2)})."
+        )
 
 
 def _stored_choice(key: str, recipe_name: str | None) -> str:

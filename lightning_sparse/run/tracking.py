@@ -226,6 +226,10 @@ class WandbTracker(WandbLogger):
             log_model=False,  # the files go up as one artifact in log_results, at the job's end
             **kwargs,
         )
+        # Lightning passes `anonymous=None` to wandb.init, which wandb >= 0.19 answers with "The
+        # anonymous setting has no effect and will be removed" on every run; None means unset.
+        if self._wandb_init.get("anonymous") is None:
+            self._wandb_init.pop("anonymous", None)
         self.mode = resolved
         self.fallback_message = message
         self.log_files = bool(log_files)

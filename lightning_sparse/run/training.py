@@ -5,21 +5,19 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import (
     Callback,
     LearningRateMonitor,
     ModelCheckpoint,
-    RichProgressBar,
+    ModelSummary,
+    ProgressBar,
 )
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.strategies import (
@@ -36,8 +34,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_sparse.callbacks.base import CompressionCallback
+from lightning_sparse.core.checkpoint import CHECKPOINT_IN_RUN_DIR
 from lightning_sparse.deploy.export import export_model
-from lightning_sparse.run import report, tracking
+from lightning_sparse.run import cli, job, report, tracking
 from lightning_sparse.run.baseline import (
     BASELINES,
     DenseSnapshot,
@@ -45,9 +44,12 @@ from lightning_sparse.run.baseline import (
     evaluate_accuracy,
     quiet_kwargs,
 )
+from lightning_sparse.run.console import setup_job_output
+from lightning_sparse.run.job import ConfigError
 from lightning_sparse.run.recipe import (
     RecipeRecord,
     check_against_model,
+    instantiate_nodes,
     instantiate_recipe,
     recipe_to_dict,
     single_process,
@@ -60,6 +62,7 @@ __all__ = [
     "RECIPE_FILE",
     "ConfigError",
     "check_baseline",
+    "check_job",
     "check_strategy",
     "objective_names",
     "objective_values",
@@ -74,32 +77,10 @@ RANKS_DIR = "ranks"
 OBJECTIVE_KEYS = ("test_acc", "val_acc", "sparsity", "params_nonzero", "params_total")
 
 
-class ConfigError(ValueError):
-    """The run's configuration cannot work; the message names the config key and the fix."""
-
-
 def _is_rank_zero() -> bool:
     # Set from the launcher's environment at import, so it is right before the Trainer has set up
     # the process group (a DDP child process reports global rank 0 until then).
     return getattr(rank_zero_only, "rank", 0) == 0
-
-
-def _is_multirun() -> bool:
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-def _run_dir(cfg: DictConfig) -> Path:
-    if cfg.get("output_dir"):
-        return Path(str(cfg.output_dir))
-    return Path(HydraConfig.get().runtime.output_dir)
-
-
-def _recipe_name(cfg: DictConfig) -> str | None:
-    """The recipe option chosen on the command line (``recipe=gmp``), when run through Hydra."""
-    if not HydraConfig.initialized():
-        return None
-    name = HydraConfig.get().runtime.choices.get("recipe")
-    return str(name) if name is not None else None
 
 
 def _supports_whole_parameters(strategy: type) -> bool:
@@ -146,7 +127,7 @@ def _check_launch(trainer: pl.Trainer) -> None:
     Lightning starts ranks 1.. of ``strategy=ddp`` by re-running the command line; inside a
     multirun that command is the whole sweep, so every rank would run every job.
     """
-    if not _is_multirun():
+    if not job.is_multirun():
         return
     if isinstance(getattr(trainer.strategy, "launcher", None), _SubprocessScriptLauncher):
         raise ConfigError(
@@ -219,20 +200,6 @@ def check_baseline(cfg: DictConfig, trainer_kwargs: Mapping[str, Any]) -> str | 
     return str(baseline)
 
 
-def _loggers(cfg: DictConfig) -> list[Logger]:
-    nodes = cfg.get("logger") or {}
-    return [instantiate(node) for node in nodes.values() if node and "_target_" in node]
-
-
-def _progress_bar(trainer_kwargs: dict[str, Any]) -> list[Callback]:
-    """A rich bar in a terminal; no bar in logs and pipes unless the trainer config asks for one."""
-    interactive = sys.stdout.isatty()
-    wanted = trainer_kwargs.pop("enable_progress_bar", None)
-    show = interactive if wanted is None else bool(wanted)
-    trainer_kwargs["enable_progress_bar"] = show
-    return [RichProgressBar()] if show and interactive else []
-
-
 def _metric(metrics: Mapping[str, Any], key: str) -> float | None:
     value = metrics.get(key)
     return None if value is None else float(value)
@@ -244,6 +211,38 @@ def _job_config(cfg: DictConfig, resolve: bool = True) -> dict[str, Any]:
     data = OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=resolve)
     assert isinstance(data, dict)
     return {str(key): value for key, value in data.items()}
+
+
+def check_job(cfg: DictConfig) -> tuple[dict[str, Any], str | None, dict[str, Callback]]:
+    """Every check of a job's config that needs no data and no model; nothing is written.
+
+    Run by :func:`run` first, and for every job of a sweep before its first job trains
+    (:class:`lightning_sparse.run.sweep.SweepCheck`).
+
+    Returns:
+        The trainer's keyword arguments, the ``baseline``, and the recipe's callbacks (built).
+
+    Raises:
+        ConfigError: ``threads``, ``trainer.strategy``, ``objectives`` or ``baseline`` cannot
+            work, or the recipe holds one-shot steps.
+        lightning_sparse.recipe.RecipeError: the recipe is invalid.
+        FileNotFoundError, NotACheckpointError: a path (``ckpt_path``, ``model.init_from``,
+            ``data.root``, a teacher checkpoint) is missing or not a checkpoint.
+    """
+    job.check_threads(cfg.get("threads"))
+    trainer_kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
+    check_strategy(trainer_kwargs)
+    objective_names(cfg)
+    baseline = check_baseline(cfg, trainer_kwargs)
+    if cfg.get("oneshot"):
+        raise ConfigError(
+            f"`oneshot` holds one-shot steps ({', '.join(cfg.oneshot)}), which `train` does not "
+            "run: use `python -m lightning_sparse.oneshot ckpt_path=<trained run> "
+            "recipe=<the same recipe>`, or a training recipe here (recipe=gmp, ...)."
+        )
+    job.check_paths(cfg)
+    recipe_callbacks = instantiate_recipe(recipe_to_dict(cfg.get("recipe")), trainer_kwargs)
+    return trainer_kwargs, baseline, recipe_callbacks
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -258,38 +257,29 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         The summary also written to ``<run dir>/summary.json`` (on rank zero).
 
     Raises:
-        ConfigError: ``trainer.strategy`` shards parameters, ``objectives`` names an unknown
-            metric, or local DDP processes were asked for inside a multirun; raised before any
-            training and before any file of the run is written.
+        ConfigError: ``threads`` or ``trainer.strategy`` cannot work, ``objectives`` names an
+            unknown metric, or local DDP processes were asked for inside a multirun; raised before
+            any training and before any file of the run is written.
         lightning_sparse.recipe.RecipeError: the recipe is invalid; raised likewise.
         lightning_sparse.resume.ResumeError: ``resume`` cannot continue the run it names.
+        FileNotFoundError: a path the config names does not exist; raised likewise.
     """
-    recipe_name = _recipe_name(cfg)
+    recipe_name = job.recipe_name()
     if cfg.get("resume"):
         cfg, recipe_name = resume_config(cfg)
+    job.set_threads(cfg.get("threads"))
     pl.seed_everything(int(cfg.seed), workers=True)
-    trainer_kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
-    check_strategy(trainer_kwargs)
-    objective_names(cfg)
-    baseline = check_baseline(cfg, trainer_kwargs)
-    if cfg.get("oneshot"):
-        raise ConfigError(
-            f"`oneshot` holds one-shot steps ({', '.join(cfg.oneshot)}), which `train` does not "
-            "run: use `python -m lightning_sparse.oneshot ckpt_path=<trained run> "
-            "recipe=<the same recipe>`, or a training recipe here (recipe=gmp, ...)."
-        )
+    trainer_kwargs, baseline, recipe_callbacks = check_job(cfg)
     recipe = recipe_to_dict(cfg.get("recipe"))
-    recipe_callbacks = instantiate_recipe(recipe, trainer_kwargs)
 
-    datamodule: pl.LightningDataModule = instantiate(cfg.data)
+    datamodule = job.build_data(cfg)
     module: pl.LightningModule = instantiate(cfg.model)
     check_against_model(recipe_callbacks, module)
     _check_data_fits_model(datamodule, module)
 
-    run_dir = _run_dir(cfg)
-    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True)
+    run_dir = job.run_dir(cfg)
     history = report.SparsityHistory()
-    loggers = _loggers(cfg)
+    loggers = job.loggers(cfg)
     start = compression_start(recipe_callbacks.values())
     snapshot = DenseSnapshot(start) if baseline == "snapshot" and start > 0 else None
     callbacks: list[Callback] = [
@@ -298,9 +288,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         history,  # after the techniques, so it measures what they applied
         # The recipe, and the whole config that `resume=` continues with, in every checkpoint.
         RecipeRecord(recipe_name, recipe, config=_job_config(cfg, resolve=False)),
-        checkpoint,
-        *([LearningRateMonitor(logging_interval="epoch")] if loggers else []),
-        *_progress_bar(trainer_kwargs),
+        *trainer_callbacks(cfg, run_dir, trainer_kwargs, has_logger=bool(loggers)),
     ]
     trainer = pl.Trainer(**trainer_kwargs, callbacks=callbacks, logger=loggers or False)
     _check_launch(trainer)
@@ -325,6 +313,56 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise
     tracking.finish(loggers)
     return summary
+
+
+def trainer_callbacks(
+    cfg: DictConfig, run_dir: Path, trainer_kwargs: dict[str, Any], *, has_logger: bool
+) -> list[Callback]:
+    """The ``callbacks`` group's callbacks, fitted to this run; sets the trainer's switches.
+
+    The checkpoint callback must keep ``<run dir>/checkpoints/last.ckpt`` (``resume=``,
+    ``oneshot``, ``export`` and ``model.init_from`` read it); without one the run saves none. The
+    learning-rate monitor needs a logger and is left out without one. The model summary prints
+    when ``trainer.enable_model_summary`` is true, in the first job of a sweep only. A progress
+    bar shows unless ``trainer.enable_progress_bar`` is false.
+
+    Raises:
+        lightning_sparse.recipe.RecipeError: a node does not build (names ``callbacks.<entry>``).
+        ConfigError: no configured ``ModelCheckpoint`` keeps ``last.ckpt`` in the run dir.
+    """
+    built = instantiate_nodes(cfg.get("callbacks"), "callbacks", Callback, "a lightning Callback")
+    checkpoints = {n: c for n, c in built.items() if isinstance(c, ModelCheckpoint)}
+    expected = run_dir / CHECKPOINT_IN_RUN_DIR.parent
+    keeps_last = [
+        c for c in checkpoints.values() if c.dirpath and Path(c.dirpath) == expected and c.save_last
+    ]
+    if checkpoints and not keeps_last:
+        names = ", ".join(f"callbacks.{name}" for name in checkpoints)
+        raise ConfigError(
+            f"{names}: no checkpoint callback keeps {CHECKPOINT_IN_RUN_DIR} in the run dir, which "
+            "resume=, oneshot, export and model.init_from read; keep dirpath: "
+            "${output_dir}/checkpoints and save_last: true (add another ModelCheckpoint for "
+            "other checkpoints)."
+        )
+    if not checkpoints:
+        trainer_kwargs["enable_checkpointing"] = False
+    show_summary = bool(trainer_kwargs.pop("enable_model_summary", True))
+    show_summary = show_summary and (job.sweep_job_number() or 0) == 0
+    # Ours prints the summary; Lightning would add its own (and say so) unless told not to.
+    trainer_kwargs["enable_model_summary"] = False
+    wanted_bar = trainer_kwargs.pop("enable_progress_bar", None)
+    kept: list[Callback] = []
+    for callback in built.values():
+        if isinstance(callback, LearningRateMonitor) and not has_logger:
+            continue
+        if isinstance(callback, ModelSummary) and not show_summary:
+            continue
+        if isinstance(callback, ProgressBar) and wanted_bar is False:
+            continue
+        kept.append(callback)
+    has_bar = any(isinstance(c, ProgressBar) for c in kept)
+    trainer_kwargs["enable_progress_bar"] = has_bar or bool(wanted_bar)
+    return kept
 
 
 def _check_data_fits_model(datamodule: pl.LightningDataModule, module: pl.LightningModule) -> None:
@@ -360,9 +398,8 @@ def _fit_test_report(
 
     ``baseline`` gives the dense accuracy's summary entries (every rank, after a complete run).
     """
-    run_dir = _run_dir(cfg)
-    checkpoint = trainer.checkpoint_callback
-    assert isinstance(checkpoint, ModelCheckpoint)
+    run_dir = job.run_dir(cfg)
+    last = run_dir / CHECKPOINT_IN_RUN_DIR
     environment = report.environment_info()
     wrote: list[str] = []  # what this rank wrote into the run dir: rank zero only, checked by tests
     if _is_rank_zero():
@@ -400,7 +437,7 @@ def _fit_test_report(
         epochs=trainer.current_epoch,
         recipe_name=recipe_name,
         recipe=recipe,
-        checkpoint=checkpoint.last_model_path or None,
+        checkpoint=str(last) if last.is_file() else None,
         run_dir=run_dir,
         status=status,
         environment=environment,
@@ -413,7 +450,9 @@ def _fit_test_report(
         if cfg.get("export", True) and status == report.STATUS_OK:
             # ONNX fp32 (and int8 after QAT) and the compressed checkpoint, measured with ONNX
             # Runtime; rank zero only, with no collectives, so other ranks need not wait.
-            summary.update(export_model(module, datamodule, run_dir / "export"))
+            summary.update(
+                export_model(module, datamodule, run_dir / "export", threads=cfg.get("threads"))
+            )
             wrote.append("export")
         report.write_summary(summary, run_dir)
         wrote.append(report.SUMMARY_FILE)
@@ -562,25 +601,6 @@ def _flatten_state(state: Any, prefix: str = "") -> dict[str, torch.Tensor]:
     return flat
 
 
-def _record_failure(cfg: DictConfig, error: BaseException) -> None:
-    """Write ``summary.json`` with ``status: failed`` (rank zero); never raises over ``error``."""
-    if not _is_rank_zero():
-        return
-    try:
-        seed = cfg.get("seed")
-        run_dir = _run_dir(cfg)
-        summary = report.failure_summary(
-            error,
-            seed=int(seed) if isinstance(seed, int) else None,
-            recipe_name=_recipe_name(cfg),
-            run_dir=run_dir,
-            environment=report.environment_info(),
-        )
-        report.write_summary(summary, run_dir)
-    except Exception as record_error:
-        log.error("Could not record the failure in summary.json: %s", record_error)
-
-
 def _close_process_group() -> None:
     """Destroy the DDP process group at the end of a successful run (a no-op without one).
 
@@ -596,22 +616,34 @@ def _close_process_group() -> None:
 def run_job(cfg: DictConfig) -> float | list[float] | None:
     """One job as the entry point runs it: :func:`run`, a failure recorded, the objectives returned.
 
+    An error in the user's input (a config value, a path: see
+    :func:`lightning_sparse.run.cli.user_message`) ends a single run with its message alone and
+    exit code 1, its traceback in the run's log file; in a sweep the job's message is logged and
+    the sweep goes on.
+
     Returns:
         ``objectives`` from the summary: a float for one, a list for several (multi-objective
         Optuna search), None for a failed job in a multirun.
 
     Raises:
-        Exception: whatever the job raised, in a single run (after recording it in summary.json).
+        Exception: an unexpected error, in a single run (after recording it in summary.json).
     """
+    setup_job_output()
     try:
         summary = run(cfg)
         _close_process_group()
     except Exception as err:
-        _record_failure(cfg, err)
-        if not _is_multirun():
+        job.record_failure(cfg, err)
+        if not job.is_multirun():
+            cli.exit_on_user_error(err)
             raise
         # One failed job must not stop a sweep: Hydra would re-raise it after the batch (and the
         # Optuna sweeper stop the search); SweepReport reports it at the end instead.
-        log.error("Job failed; recorded in summary.json, the sweep goes on.", exc_info=True)
+        message = cli.user_message(err)
+        if message is None:
+            log.error("Job failed; recorded in summary.json, the sweep goes on.", exc_info=True)
+        else:
+            cli.log_traceback(err)
+            log.error("Job failed: %s (recorded in summary.json; the sweep goes on).", message)
         return None
     return objective_values(summary, objective_names(cfg))

@@ -169,6 +169,16 @@ def test_n_of_m_that_does_not_tile_a_layer_is_refused_at_setup() -> None:
     [
         ({"final_sparsity": 1.0}, r"`final_sparsity`=1.0 is not allowed; it must be in \[0, 1\)"),
         ({"final_sparsity": -0.1}, r"`final_sparsity`=-0.1 is not allowed"),
+        # `=abc` on a command line: say what it is, not only where numbers should be.
+        ({"final_sparsity": "abc"}, r"`final_sparsity`='abc' is not a number; it must be in"),
+        (
+            {"final_sparsity": 0.5, "start_epoch": "x"},
+            r"`start_epoch`='x' is not a number; it must be a number >= 0",
+        ),
+        (
+            {"final_sparsity": 0.5, "update_frequency": "often"},
+            r"`update_frequency`='often' is not a number",
+        ),
         (
             {"final_sparsity": 0.5, "init_sparsity": 0.7},
             r"`init_sparsity`=0.7 is greater than `final_sparsity`=0.5",

@@ -229,6 +229,25 @@ def test_a_failed_export_leaves_no_half_written_files(
     assert (out_dir / "model.onnx").read_text() == "the previous export"
 
 
+def test_a_dataloader_or_an_example_input_will_do(tmp_path: Path, datamodule: Any) -> None:
+    module = _digits_module()
+    datamodule.setup("test")
+    from_loader = export_model(
+        module, datamodule.test_dataloader(), tmp_path / "loader", latency_runs=1
+    )
+    from_module = export_model(module, datamodule, tmp_path / "module", latency_runs=1)
+    assert from_loader["onnx_fp32_acc"] == from_module["onnx_fp32_acc"] is not None
+    example = next(iter(datamodule.test_dataloader()))[0][:8]
+    from_example = export_model(module, example, tmp_path / "example", latency_runs=1)
+    assert from_example["onnx_fp32_acc"] is None  # no labels, no accuracy
+    assert from_example["onnx_fp32_max_abs_diff"] < 1e-4
+    assert (tmp_path / "example" / "model.onnx").is_file()
+    session = ort.InferenceSession(str(tmp_path / "example" / "model.onnx"))
+    assert session.run(None, {session.get_inputs()[0].name: example.numpy()})[0].shape == (8, 10)
+    with pytest.raises(ValueError, match=r"`data` gave no batch to export with \(list\)"):
+        export_model(module, [], tmp_path / "none")
+
+
 def test_bad_export_arguments_name_the_field(tmp_path: Path, datamodule: Any) -> None:
     with pytest.raises(ValueError, match=r"`batch_size`=0 is not allowed; it must be an int >= 1"):
         export_model(_digits_module(), datamodule, tmp_path / "e", batch_size=0)
@@ -249,7 +268,7 @@ def test_a_checkpoint_of_another_model_names_the_first_mismatched_key(tmp_path: 
     del wider.model.fc2
     with pytest.raises(CheckpointMismatchError, match=r"'model.fc2.weight' is in the checkpoint"):
         load_checkpoint(wider, path)
-    with pytest.raises(FileNotFoundError, match=r"`ckpt_path`='.*nope.ckpt' is not a file"):
+    with pytest.raises(FileNotFoundError, match=r"`ckpt_path`='.*nope.ckpt': not found"):
         load_checkpoint(mlp, tmp_path / "nope.ckpt")
 
 

@@ -114,7 +114,7 @@ def test_app_prunes_fine_tunes_and_writes_everything(trained: Path, tmp_path: Pa
     assert summary["steps"]["pruning"]["calibration_batches_used"] == 4
     assert summary["steps"]["pruning"]["calibration_samples"] == 4 * 64
     assert summary["epochs"] == 1
-    assert "one-shot: wanda" in result.stdout  # the before/after table
+    assert "one-shot: oneshot_wanda (wanda)" in result.stdout  # the before/after table
     recipe = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
     assert recipe["oneshot"]["pruning"]["criterion"] == "wanda"
     assert recipe["recipe"]["hold"]["_target_"] == "lightning_sparse.callbacks.ConstantPruning"

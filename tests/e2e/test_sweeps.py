@@ -303,6 +303,8 @@ def test_a_sweep_override_naming_no_key_fails_before_any_job(tmp_path: Path) -> 
         tmp_path=tmp_path,
     )
     assert result.returncode != 0
-    assert "Could not override 'recipe.pruning.final_sparsty'" in result.stderr
-    assert "Key 'final_sparsty' is not in struct" in result.stderr
+    assert "`recipe.pruning.final_sparsty`: recipe.pruning has no key 'final_sparsty'." in (
+        result.stderr
+    )
+    assert "Did you mean 'recipe.pruning.final_sparsity'?" in result.stderr
     assert not sweep.exists() or job_dirs(sweep) == []

@@ -117,6 +117,29 @@ def test_app_gmp_run_writes_everything(tmp_path: Path) -> None:
     assert summary["compressed_bytes"] < summary["dense_bytes"]
     assert "ONNX Runtime fp32 accuracy" in result.stdout
 
+    # Output to a pipe: a line per epoch, no Lightning ads or config restatements; the run's log
+    # holds what was printed; the files follow the umask like every other file of the run.
+    lines = result.stdout.splitlines()
+    assert [line.split()[:2] for line in lines if line.startswith("epoch ")] == [
+        ["epoch", "1/2"],
+        ["epoch", "2/2"],
+    ]
+    printed = result.stdout + result.stderr
+    for noise in ("Tip:", "was configured so", "LeafSpec", "Total FLOPs", "anonymous setting"):
+        assert noise not in printed, noise
+    assert lines[-2:] == [
+        f"run dir: {tmp_path}",
+        f"git commit: {summary['environment']['git']['commit']}"
+        + (" (dirty)" if summary["environment"]["git"]["dirty"] else ""),
+    ]
+    log = (tmp_path / "train.log").read_text()
+    for printed_line in ("epoch 2/2", "test accuracy", f"run dir: {tmp_path}", "Seed set to 0"):
+        assert printed_line in log, printed_line
+    assert summary["environment"]["threads"] == 1
+    mode = (tmp_path / "recipe.yaml").stat().st_mode & 0o777
+    for name in ("summary.json", "environment.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
+
 
 @pytest.mark.slow
 def test_app_dense_run(tmp_path: Path) -> None:

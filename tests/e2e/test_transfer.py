@@ -174,7 +174,7 @@ def test_a_head_for_other_data_fails_before_training(
 @pytest.mark.parametrize(
     ("folder", "error", "message"),
     [
-        ("missing", InstantiationException, r"`root`=.*missing' does not exist"),
+        ("missing", FileNotFoundError, r"`data.root`=.*missing': not found"),
         ("empty", InstantiationException, r"`root`=.*empty' holds no images"),
     ],
 )

@@ -21,8 +21,12 @@ from lightning_sparse.run.compare import (
     RunRecord,
     SweepReport,
     collect_runs,
+    is_sweep,
     mark_pareto_front,
     markdown_report,
+    pareto_points,
+    pareto_title,
+    write_report,
 )
 
 COMMON = ["data=synthetic", "trainer.max_epochs=2"]
@@ -143,7 +147,55 @@ def test_size_and_latency_come_from_the_export_when_there_is_one(tmp_path: Path)
     make_job(tmp_path, "0", [], ok(0.9, 10, export=export))
     (record,) = collect_runs(tmp_path)
     assert (record.size_bytes, record.latency_ms) == (4096, 0.5)  # fp32: no int8 model
-    assert "| 4.0 KiB | 0.500 |" in markdown_report([record])
+    assert record.latency_kind == "fp32"
+    text = markdown_report([record])
+    assert "| size | latency fp32 (ms) |" in text
+    assert "| 4.0 KiB | 0.500 |" in text
+
+
+def test_latency_says_which_model_it_timed_when_runs_differ(tmp_path: Path) -> None:
+    make_job(tmp_path, "0", ["a=1"], ok(0.9, 10, ort_int8_ms=0.25, ort_fp32_ms=0.75))
+    make_job(tmp_path, "1", ["a=2"], ok(0.9, 20, ort_int8_ms=None, ort_fp32_ms=0.5))
+    (tmp_path / "multirun.yaml").write_text("{}")
+    text = markdown_report(collect_runs(tmp_path))
+    assert "| latency (ms) |" in text
+    assert "| 0.250 (int8) |" in text
+    assert "| 0.500 (fp32) |" in text
+
+
+def test_a_date_dir_of_separate_runs_is_no_sweep(tmp_path: Path) -> None:
+    date = tmp_path / "2026-12-01"
+    for time, acc, nonzero, recipe in (("10-00-00", 0.9, 10, "gmp"), ("11-00-00", 0.8, 5, "qat")):
+        run = make_job(date, time, [f"recipe={recipe}"], ok(acc, nonzero), recipe=recipe)
+        hydra_yaml = {"hydra": {"mode": "RUN", "runtime": {"choices": {"recipe": recipe}}}}
+        (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra_yaml))
+    assert not is_sweep(date)
+    text, records, plot = write_report(date)
+    assert [r.pareto for r in records] == [False, False]  # no front across unrelated runs
+    assert plot is None
+    assert not (date / "pareto.png").exists()
+    assert text.startswith(f"# Runs under {date}")
+    assert "Not one sweep" in text
+
+
+def test_jobs_of_a_multirun_are_a_sweep_without_multirun_yaml(tmp_path: Path) -> None:
+    # Optuna's sweeper writes no multirun.yaml; its jobs say they ran in a multirun.
+    for job in ("0", "1"):
+        run = make_job(tmp_path, job, [f"a={job}"], ok(0.9, 10 + int(job)))
+        hydra_yaml = {"hydra": {"mode": "MULTIRUN", "runtime": {"choices": {"recipe": "gmp"}}}}
+        (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra_yaml))
+    assert is_sweep(tmp_path)
+    assert [r.pareto for r in collect_runs(tmp_path)] == [True, False]
+
+
+def test_the_pareto_plot_labels_swept_values_and_says_what_was_swept(sweep: Path) -> None:
+    records = collect_runs(sweep)
+    labels = [label for label, *_ in pareto_points(records)]
+    assert labels == ["final_sparsity=0.8", "final_sparsity=0.9", "final_sparsity=0.5"]
+    title = pareto_title(records, sweep)
+    assert title.startswith("dense, gmp: test accuracy vs nonzero parameters over ")
+    assert "recipe.pruning.final_sparsity" in title
+    assert "(2 failed, not shown)" in title
 
 
 def test_pipes_in_overrides_are_escaped(tmp_path: Path) -> None:

@@ -130,7 +130,25 @@ def test_table_shows_headline_and_layers() -> None:
     text = console.export_text()
     for expected in ("gmp", "98.77%", "n/a", "90.00%", "model.fc1.weight", "100 / 1,000"):
         assert expected in text
-    assert summary_table(summary).row_count >= 8
+    assert summary_table(summary).row_count >= 7
+    assert text.rstrip().splitlines()[-1] == "run dir: runs/x"
+
+
+@pytest.mark.parametrize("width", [40, 80, 200])
+def test_the_run_dir_and_commit_print_whole_on_their_own_lines(width: int) -> None:
+    run_dir = "/a/rather/long/path/to/runs/train/2026-12-01/06-05-02/that/goes/on/and/on/for/ever"
+    commit = "0d1f1dda5f6c0d51b1d64e791f109a98e7e2c0de"
+    summary = {
+        "test_acc": 0.9,
+        "recipe": {"name": "gmp"},
+        "run_dir": run_dir,
+        "environment": {"git": {"commit": commit, "dirty": True}},
+    }
+    out = StringIO()
+    print_summary(summary, Console(file=out, width=width))
+    lines = out.getvalue().splitlines()
+    assert f"run dir: {run_dir}" in lines
+    assert f"git commit: {commit} (dirty)" in lines
 
 
 def test_summary_status_defaults_to_ok_and_records_environment(

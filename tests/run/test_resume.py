@@ -108,11 +108,16 @@ def test_resume_refuses_what_would_change_the_run(
 
 
 def test_resume_errors_name_the_field(tmp_path: Path, composed: Any) -> None:
-    with pytest.raises(FileNotFoundError, match=r"`resume`=.*nowhere.* does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"`resume`=.*nowhere': not found"):
         resume_config(composed(f"resume='{tmp_path / 'nowhere'}'"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"`resume`=.*empty.* is a directory without"):
+    with pytest.raises(FileNotFoundError, match=r"`resume`=.*empty': not a checkpoint: the dir"):
         resume_config(composed(f"resume='{tmp_path / 'empty'}'"))
+    cut = tmp_path / "cut.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(100)}}, cut)
+    cut.write_bytes(cut.read_bytes()[:200])
+    with pytest.raises(ValueError, match=r"`resume`=.*cut\.ckpt': not a checkpoint: truncated"):
+        resume_config(composed(f"resume='{cut}'"))
     plain = tmp_path / "plain.ckpt"
     torch.save({"state_dict": {}}, plain)
     with pytest.raises(ResumeError, match=r"`resume`=.*plain\.ckpt.* holds no run config"):

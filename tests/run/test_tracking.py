@@ -212,6 +212,17 @@ def test_close_with_an_error_marks_the_run_failed(tmp_path: Path) -> None:
     assert run.summary["error"] == "RuntimeError: out of memory"
 
 
+@pytest.mark.slow
+def test_a_run_starts_without_wandbs_anonymous_setting_warning(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    tracker = WandbTracker(save_dir=str(tmp_path), project="tests")
+    tracker.log_metrics({"x": 1.0})
+    finish([tracker])
+    out, err = capfd.readouterr()
+    assert "anonymous setting" not in out + err
+
+
 def test_finish_without_a_started_run_writes_nothing(tmp_path: Path) -> None:
     tracker = WandbTracker(save_dir=str(tmp_path))
     finish([tracker], error=RuntimeError("before training"))
