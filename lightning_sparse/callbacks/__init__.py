@@ -9,6 +9,7 @@ from lightning_sparse.callbacks.pruning import (
     MaskPruning,
 )
 from lightning_sparse.callbacks.quantization import QuantizationAwareTraining
+from lightning_sparse.callbacks.regularization import SparsityRegularization
 
 __all__ = [
     "CompressionCallback",
@@ -19,4 +20,5 @@ __all__ = [
     "MaskPruning",
     "QuantizationAwareTraining",
     "ScheduleLimit",
+    "SparsityRegularization",
 ]
