@@ -2,6 +2,7 @@
 
 from lightning_sparse.callbacks.base import CompressionCallback, ScheduleLimit
 from lightning_sparse.callbacks.distillation import KnowledgeDistillation
+from lightning_sparse.callbacks.early_exit import EarlyExit
 from lightning_sparse.callbacks.pruning import (
     ConstantPruning,
     GradualPruning,
@@ -14,6 +15,7 @@ from lightning_sparse.callbacks.regularization import SparsityRegularization
 __all__ = [
     "CompressionCallback",
     "ConstantPruning",
+    "EarlyExit",
     "GradualPruning",
     "KnowledgeDistillation",
     "MagnitudePruning",
