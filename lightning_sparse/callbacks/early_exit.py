@@ -75,7 +75,9 @@ class _Tap:
 
     def _hook(self, key: str) -> Any:
         def keep(module: nn.Module, args: Any, output: Any) -> None:
-            if self.armed:
+            # The module's own output: the first call to finish. Under DDP, Lightning runs the
+            # step as the module's forward (its output is the step's), around the inner `self(x)`.
+            if self.armed and not (key == _FINAL and key in self.outputs):
                 self.outputs[key] = output
 
         return keep

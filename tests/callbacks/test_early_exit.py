@@ -17,7 +17,14 @@ from lightning_sparse.data import DigitsDataModule
 from lightning_sparse.models import SmallCNN
 from lightning_sparse.module import ClassificationModule
 from tests.callbacks.test_regularization import MemoryLogger
-from tests.helpers import TinyData, TinyModule, TinyNet, fit_resumable, quiet_trainer
+from tests.helpers import (
+    TinyData,
+    TinyModule,
+    TinyNet,
+    fit_resumable,
+    quiet_trainer,
+    run_ddp_script,
+)
 
 
 def digits_module() -> ClassificationModule:
@@ -178,3 +185,14 @@ def test_model_checks_name_the_layer_and_the_model() -> None:
         quiet_trainer(max_epochs=1, callbacks=[EarlyExit(exits=["model.conv1"])]).fit(
             TinyModule(), TinyData()
         )
+
+
+@pytest.mark.slow
+def test_heads_and_thresholds_agree_across_ddp_ranks(tmp_path: Path) -> None:
+    rank0, rank1 = run_ddp_script("tests.callbacks.ddp_early_exit_script", tmp_path)
+    for head0, head1 in zip(rank0["heads"], rank1["heads"], strict=True):
+        for key, value in head0.items():
+            assert torch.equal(value, head1[key]), key
+    # Both ranks calibrated on every validation sample (80, half on each), so they agree.
+    assert rank0["inputs"] == rank1["inputs"] == 80
+    assert rank0["thresholds"] == rank1["thresholds"]
