@@ -270,9 +270,9 @@ def early_exit_report(
 ) -> dict[str, Any]:
     """Accuracy, mean latency and exit shares per threshold setting, against the plain model.
 
-    Every input runs through the plain model and then through the runner under each setting, one
-    after the other (batch 1), so load from other processes hits them alike and the latency
-    ratios mean something on a shared machine.
+    Every input runs through the plain model and through the runner under each setting, one
+    after the other (batch 1, the order rotating from input to input), so load from other
+    processes hits them alike and the latency ratios mean something on a shared machine.
 
     Args:
         export_dir: a directory written by :func:`export_early_exit`.
@@ -283,10 +283,13 @@ def early_exit_report(
         warmup: calls of each before timing.
 
     Returns:
-        ``{"inputs", "threads", "plain": {"accuracy", "mean_ms"}, "settings": {name:
-        {"thresholds", "accuracy", "mean_ms", "speedup", "exit_fractions"}}}``; accuracies as
-        fractions, ``exit_fractions`` one per exit plus the full model last.
+        ``{"inputs", "threads", "exits", "plain": {"accuracy", "mean_ms", "median_ms"},
+        "settings": {name: {"thresholds", "accuracy", "mean_ms", "median_ms", "speedup",
+        "exit_fractions"}}}``; accuracies as fractions, ``speedup`` the ratio of mean latencies,
+        ``exit_fractions`` one per exit plus the full model last.
     """
+    if "plain" in settings:
+        raise ValueError("`settings`: 'plain' names the model without exits; call yours otherwise.")
     runner = EarlyExitRunner(export_dir, threads=threads)
     chosen = {name: _check_thresholds(t, len(runner.exits)) for name, t in settings.items()}
     batch = np.ascontiguousarray(inputs, dtype=np.float32)
@@ -297,35 +300,48 @@ def early_exit_report(
     times: dict[str, list[float]] = {name: [] for name in ["plain", *chosen]}
     correct = dict.fromkeys(times, 0)
     taken = {name: [0] * (len(runner.exits) + 1) for name in chosen}
+    names = list(times)
     for index in range(len(batch)):
         sample = batch[index : index + 1]
         label = int(labels[index])
-        start = time.perf_counter()
-        logits = runner.plain(sample)
-        times["plain"].append((time.perf_counter() - start) * 1e3)
-        correct["plain"] += int(int(logits.argmax()) == label)
-        for name, thresholds in chosen.items():
+        # Rotate who goes first, so that no setting always runs right after the same one.
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
             start = time.perf_counter()
-            logits, exit_index = runner.run(sample, thresholds)
+            if name == "plain":
+                logits, exit_index = runner.plain(sample), -1
+            else:
+                logits, exit_index = runner.run(sample, chosen[name])
             times[name].append((time.perf_counter() - start) * 1e3)
             correct[name] += int(int(logits.argmax()) == label)
-            taken[name][exit_index] += 1
+            if exit_index >= 0:
+                taken[name][exit_index] += 1
     count = max(len(batch), 1)
-    plain_ms = statistics.fmean(times["plain"]) if batch.size else 0.0
+
+    def mean(name: str) -> float:
+        return statistics.fmean(times[name]) if times[name] else 0.0
+
+    def median(name: str) -> float:
+        return statistics.median(times[name]) if times[name] else 0.0
+
     report: dict[str, Any] = {
         "inputs": len(batch),
         "threads": threads,
         "exits": runner.exits,
-        "plain": {"accuracy": correct["plain"] / count, "mean_ms": plain_ms},
+        "plain": {
+            "accuracy": correct["plain"] / count,
+            "mean_ms": mean("plain"),
+            "median_ms": median("plain"),
+        },
         "settings": {},
     }
     for name, thresholds in chosen.items():
-        mean_ms = statistics.fmean(times[name]) if batch.size else 0.0
         report["settings"][name] = {
             "thresholds": thresholds,
             "accuracy": correct[name] / count,
-            "mean_ms": mean_ms,
-            "speedup": plain_ms / mean_ms if mean_ms else 0.0,
+            "mean_ms": mean(name),
+            "median_ms": median(name),
+            "speedup": mean("plain") / mean(name) if mean(name) else 0.0,
             "exit_fractions": [n / count for n in taken[name]],
         }
     return report
@@ -334,21 +350,20 @@ def early_exit_report(
 def format_report(report: Mapping[str, Any]) -> str:
     """:func:`early_exit_report`'s result as a markdown table."""
     exits = [*report["exits"], "full"]
-    head = "| setting | thresholds | accuracy | mean ms | speed-up | " + " | ".join(
-        f"leave at {e}" for e in exits
-    )
-    lines = [head + " |", "|" + "---|" * (5 + len(exits))]
+    head = "| setting | thresholds | accuracy | mean ms | median ms | speed-up (mean) | "
+    head += " | ".join(f"leave at {e}" for e in exits)
+    lines = [head + " |", "|" + "---|" * (6 + len(exits))]
     plain = report["plain"]
     blanks = " | ".join("" for _ in exits)
     lines.append(
-        f"| plain model | - | {100 * plain['accuracy']:.2f}% | {plain['mean_ms']:.3f} | 1.00x | "
-        f"{blanks} |"
+        f"| plain model | - | {100 * plain['accuracy']:.2f}% | {plain['mean_ms']:.3f} | "
+        f"{plain['median_ms']:.3f} | 1.00x | {blanks} |"
     )
     for name, row in report["settings"].items():
         thresholds = ", ".join(f"{t:.3f}" for t in row["thresholds"])
         shares = " | ".join(f"{100 * f:.1f}%" for f in row["exit_fractions"])
         lines.append(
             f"| {name} | {thresholds} | {100 * row['accuracy']:.2f}% | {row['mean_ms']:.3f} | "
-            f"{row['speedup']:.2f}x | {shares} |"
+            f"{row['median_ms']:.3f} | {row['speedup']:.2f}x | {shares} |"
         )
     return "\n".join(lines)
