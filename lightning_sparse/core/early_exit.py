@@ -190,60 +190,54 @@ def calibrate_thresholds(
 ) -> list[float]:
     """Per-exit thresholds that keep the cascade within ``max_accuracy_drop`` of the full model.
 
-    Greedy from the first exit, whose inputs save the most compute: each exit takes the lowest
-    threshold (the most inputs) for which the cascade so far, with every later input going to the
-    full model, still loses at most ``max_accuracy_drop`` (a fraction, 0.005 = half a point)
-    against the full model on these inputs; the budget it leaves goes to the next exit. An exit
-    that cannot take any input within the budget gets 1.0 (off).
+    What counts against the budget are the inputs the full model gets right and an exit that
+    takes them gets wrong; inputs where an exit is right and the full model wrong are not
+    credited (such flukes do not carry over to new data, and crediting them let thresholds fit
+    the calibration split too closely), so the cascade's accuracy on these inputs is at least the
+    full model's minus ``max_accuracy_drop``. Greedy from the first exit, whose inputs save the
+    most compute: each exit takes the lowest threshold (the most inputs) whose losses fit in what
+    is left of the budget. An exit that cannot take any input within it gets 1.0 (off).
 
     Args:
         confidence: ``[exits, inputs]`` max softmax probability of each early head.
         exit_correct: ``[exits, inputs]`` whether each early head's argmax is right.
         final_correct: ``[inputs]`` whether the full model's argmax is right.
-        max_accuracy_drop: allowed accuracy loss as a fraction, in [0, 1].
+        max_accuracy_drop: allowed accuracy loss as a fraction (0.005 = half a point), in [0, 1].
 
     Returns:
         One threshold per early exit, each in (0, 1].
     """
     count = final_correct.numel()
-    # Correct answers the cascade must keep; a hair of slack for the float product.
-    needed = int(final_correct.sum()) - math.floor(max_accuracy_drop * count + 1e-9)
+    # Inputs the cascade may lose; a hair of slack for the float product.
+    budget = math.floor(max_accuracy_drop * count + 1e-9)
     remaining = torch.ones(count, dtype=torch.bool)
-    correct_so_far = 0
     thresholds: list[float] = []
     for index in range(confidence.shape[0]):
         candidates = remaining.nonzero().flatten()
         conf = confidence[index, candidates].double()
         order = torch.argsort(conf, descending=True, stable=True)
         conf_sorted = conf[order]
-        here = exit_correct[index, candidates][order].long()
-        later = final_correct[candidates][order].long()
-        # Taking the k most confident inputs here: correct = here[:k] + later[k:].
-        taken = torch.cat([here.new_zeros(1), here.cumsum(0)])
-        left = int(later.sum()) - torch.cat([later.new_zeros(1), later.cumsum(0)])
-        total = correct_so_far + taken + left
+        lost = (final_correct[candidates] & ~exit_correct[index, candidates])[order].long()
+        # Taking the k most confident inputs here loses lost[:k].
+        losses = torch.cat([lost.new_zeros(1), lost.cumsum(0)])
         sizes = torch.arange(len(conf_sorted) + 1)
         # A threshold can only fall between distinct confidences: k valid when k == n or
         # conf[k - 1] > conf[k].
         valid = torch.ones(len(sizes), dtype=torch.bool)
         if len(conf_sorted) > 1:
             valid[1:-1] = conf_sorted[:-1] > conf_sorted[1:]
-        valid[0] = True
-        feasible = valid & (total >= needed)
-        best = int(sizes[feasible].max()) if feasible.any() else 0
-        if best == 0:
-            thresholds.append(1.0)
-            continue
-        threshold = float(conf_sorted[best - 1])
+        feasible = valid & (losses <= budget)
+        best = int(sizes[feasible].max())
+        threshold = float(conf_sorted[best - 1]) if best else 1.0
         if threshold >= 1.0:
-            # Only inputs at probability exactly 1 (in float) would leave; 1.0 means "off", so
-            # take none rather than pretend.
+            # None, or only inputs at probability exactly 1 (in float), would leave; 1.0 means
+            # "off", so take none rather than pretend.
             thresholds.append(1.0)
             continue
         thresholds.append(threshold)
+        budget -= int(losses[best])
         leaving = torch.zeros(count, dtype=torch.bool)
         leaving[candidates[order[:best]]] = True
-        correct_so_far += int((exit_correct[index] & leaving).sum())
         remaining &= ~leaving
     return thresholds
 

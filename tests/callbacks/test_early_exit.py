@@ -79,7 +79,10 @@ def test_thresholds_meet_the_accuracy_drop_on_validation(trained: Any) -> None:
     accuracy, fractions = cascade(confidence, exit_correct, full_correct, thresholds)
     full = full_correct.float().mean().item()
     assert accuracy >= full - 0.01
-    assert fractions[0] > 0.5  # the first exit does take inputs
+    # What the budget counts: exited inputs the full model gets right and the head wrong.
+    lost = (confidence[0] >= thresholds[0]) & full_correct & ~exit_correct[0]
+    assert int(lost.sum()) <= 0.01 * len(full_correct)
+    assert fractions[0] > 0.3  # the first exit does take inputs
     calibration = early_exit.last_calibration
     assert calibration["accuracy"] == pytest.approx(accuracy)
     assert calibration["exit_fractions"] == pytest.approx(fractions)
