@@ -1,7 +1,8 @@
 """lightning_sparse: neural-network compression as PyTorch Lightning callbacks and Hydra recipes.
 
 Techniques are callbacks (``MagnitudePruning``, ``ConstantPruning``,
-``QuantizationAwareTraining``, ``KnowledgeDistillation``); a LightningModule that takes
+``QuantizationAwareTraining``, ``KnowledgeDistillation``, ``SparsityRegularization``,
+``EarlyExit``); a LightningModule that takes
 loss terms from techniques mixes in ``CompressionModule``; ``recipe.load`` builds the callbacks of a
 shipped recipe without a Hydra app.
 
@@ -19,11 +20,13 @@ if TYPE_CHECKING:
     from lightning_sparse.callbacks import (
         CompressionCallback,
         ConstantPruning,
+        EarlyExit,
         GradualPruning,
         KnowledgeDistillation,
         MagnitudePruning,
         MaskPruning,
         QuantizationAwareTraining,
+        SparsityRegularization,
     )
     from lightning_sparse.module import ClassificationModule, CompressionModule
 
@@ -34,11 +37,13 @@ _LAZY = {
     "CompressionCallback": "lightning_sparse.callbacks",
     "CompressionModule": "lightning_sparse.module",
     "ConstantPruning": "lightning_sparse.callbacks",
+    "EarlyExit": "lightning_sparse.callbacks",
     "GradualPruning": "lightning_sparse.callbacks",
     "KnowledgeDistillation": "lightning_sparse.callbacks",
     "MagnitudePruning": "lightning_sparse.callbacks",
     "MaskPruning": "lightning_sparse.callbacks",
     "QuantizationAwareTraining": "lightning_sparse.callbacks",
+    "SparsityRegularization": "lightning_sparse.callbacks",
     "recipe": "lightning_sparse.recipe",
 }
 
@@ -47,11 +52,13 @@ __all__ = [
     "CompressionCallback",
     "CompressionModule",
     "ConstantPruning",
+    "EarlyExit",
     "GradualPruning",
     "KnowledgeDistillation",
     "MagnitudePruning",
     "MaskPruning",
     "QuantizationAwareTraining",
+    "SparsityRegularization",
     "recipe",
 ]
 __version__ = "0.1.0"

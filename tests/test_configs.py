@@ -86,6 +86,7 @@ USER_SUPPLIED = {
 MISFITS = {
     ("gmp_2of4", "resnet18"): "`recipe.pruning.params` entry",
     ("gmp_2of4", "mobilenet_v3_small"): "`recipe.pruning.params` entry",
+    ("sparsity_reg", "mobilenet_v3_small"): "`recipe.regularization.params` entry",
 }
 
 
@@ -275,7 +276,7 @@ def test_every_trainer_binds_to_the_trainer_signature(trainer: str) -> None:
     ("group", "node"),
     [
         (group, node)
-        for group in ("pruning", "quantization", "distillation")
+        for group in sorted(p.name for p in (config_dir() / "compression").iterdir() if p.is_dir())
         for node in options(f"compression/{group}")
     ],
 )

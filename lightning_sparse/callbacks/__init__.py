@@ -3,6 +3,7 @@ own callbacks this package ships (progress for logs and pipes, a quieter model s
 
 from lightning_sparse.callbacks.base import CompressionCallback, ScheduleLimit
 from lightning_sparse.callbacks.distillation import KnowledgeDistillation
+from lightning_sparse.callbacks.early_exit import EarlyExit
 from lightning_sparse.callbacks.progress import EpochLine, progress_bar
 from lightning_sparse.callbacks.pruning import (
     ConstantPruning,
@@ -11,11 +12,13 @@ from lightning_sparse.callbacks.pruning import (
     MaskPruning,
 )
 from lightning_sparse.callbacks.quantization import QuantizationAwareTraining
+from lightning_sparse.callbacks.regularization import SparsityRegularization
 from lightning_sparse.callbacks.summary import ModelSummary
 
 __all__ = [
     "CompressionCallback",
     "ConstantPruning",
+    "EarlyExit",
     "EpochLine",
     "GradualPruning",
     "KnowledgeDistillation",
@@ -24,5 +27,6 @@ __all__ = [
     "ModelSummary",
     "QuantizationAwareTraining",
     "ScheduleLimit",
+    "SparsityRegularization",
     "progress_bar",
 ]
