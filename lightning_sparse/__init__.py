@@ -3,7 +3,8 @@
 Techniques are callbacks (``MagnitudePruning``, ``ConstantPruning``,
 ``QuantizationAwareTraining``, ``KnowledgeDistillation``); a LightningModule that takes
 loss terms from techniques mixes in ``CompressionModule``; ``recipe.load`` builds the callbacks of a
-shipped recipe without a Hydra app.
+shipped recipe without a Hydra app; ``register_layer_kind`` tells every technique how to read the
+weight of a layer type of your own (which dimension is input, which output).
 """
 
 from lightning_sparse import recipe
@@ -16,6 +17,7 @@ from lightning_sparse.callbacks import (
     MaskPruning,
     QuantizationAwareTraining,
 )
+from lightning_sparse.core.layers import register_layer_kind
 from lightning_sparse.module import ClassificationModule, CompressionModule
 
 __all__ = [
@@ -29,5 +31,6 @@ __all__ = [
     "MaskPruning",
     "QuantizationAwareTraining",
     "recipe",
+    "register_layer_kind",
 ]
 __version__ = "0.1.0"

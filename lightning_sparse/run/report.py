@@ -34,7 +34,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_sparse.callbacks.base import MASKS, CompressionCallback
-from lightning_sparse.core.targets import prunable_parameters
+from lightning_sparse.core.targets import prunable_parameters, unknown_layer_weights
 
 __all__ = [
     "ENVIRONMENT_FILE",
@@ -184,6 +184,8 @@ def build_summary(
         "epochs": int(epochs),
         "params_total": params_total,
         "params_nonzero": params_nonzero,
+        # 2-D+ weights of layer types no technique knows: left dense (register_layer_kind).
+        "unknown_layer_weights": unknown_layer_weights(model),
         "checkpoint": checkpoint,
         "run_dir": str(run_dir),
         "environment": dict(environment) if environment is not None else None,
