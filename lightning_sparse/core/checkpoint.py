@@ -13,6 +13,8 @@ from lightning_sparse.core.fake_quant import STATE_FORMAT, restore
 
 # Where `python -m lightning_sparse.train` (and `.oneshot`) leave the final checkpoint of a run.
 CHECKPOINT_IN_RUN_DIR = Path("checkpoints") / "last.ckpt"
+# What Hugging Face's `save_pretrained` writes: one safetensors file, or shards with an index.
+PRETRAINED_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 
 class CheckpointMismatchError(ValueError):
@@ -103,9 +105,13 @@ def checkpoint_path(path: str | Path, field: str = "init_from") -> Path:
         candidate = given / CHECKPOINT_IN_RUN_DIR
         if candidate.is_file():
             return candidate
+        for name in PRETRAINED_FILES:
+            if (given / name).is_file():
+                return given / name
         raise FileNotFoundError(
-            f"`{field}`={str(path)!r} is a directory without {CHECKPOINT_IN_RUN_DIR}: give a run "
-            "dir of `python -m lightning_sparse.train` (or `.oneshot`) or a checkpoint file."
+            f"`{field}`={str(path)!r} is a directory without {CHECKPOINT_IN_RUN_DIR} or "
+            f"{PRETRAINED_FILES[0]}: give a run dir of `python -m lightning_sparse.train` (or "
+            "`.oneshot`), a Hugging Face `save_pretrained` folder, or a checkpoint file."
         )
     if not given.is_file():
         raise FileNotFoundError(
@@ -115,9 +121,11 @@ def checkpoint_path(path: str | Path, field: str = "init_from") -> Path:
 
 
 def read_state_dict(path: str | Path, field: str = "init_from") -> dict[str, torch.Tensor]:
-    """The weights in a run dir, a Lightning checkpoint or a plain ``state_dict`` file.
+    """The weights in a run dir, a Lightning checkpoint, a plain ``state_dict`` file or a folder
+    Hugging Face's ``save_pretrained`` wrote (``model.safetensors``, or its shards).
 
-    Read with ``torch.load(weights_only=True)`` onto the CPU: a checkpoint cannot run code.
+    Read with ``torch.load(weights_only=True)`` (or safetensors) onto the CPU: a checkpoint cannot
+    run code.
 
     Raises:
         FileNotFoundError: see :func:`checkpoint_path`.
@@ -125,6 +133,8 @@ def read_state_dict(path: str | Path, field: str = "init_from") -> dict[str, tor
     """
     file = checkpoint_path(path, field)
     try:
+        if file.name in PRETRAINED_FILES:
+            return _read_safetensors(file)
         loaded = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ValueError(
@@ -139,3 +149,18 @@ def read_state_dict(path: str | Path, field: str = "init_from") -> dict[str, tor
             "with a `state_dict`, or a state_dict of tensors)."
         )
     return {str(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """One ``model.safetensors``, or every shard an index names."""
+    import json
+
+    from safetensors.torch import load_file
+
+    if file.suffix == ".json":
+        shards = sorted(set(json.loads(file.read_text())["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(load_file(str(file.parent / shard)))
+        return state
+    return load_file(str(file))
