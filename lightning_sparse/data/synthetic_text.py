@@ -14,6 +14,8 @@ Sequences have random lengths in ``[min_length, seq_length]``, padded with token
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch.utils.data import Dataset
 
@@ -63,6 +65,7 @@ class SyntheticTextDataModule(TensorDataModule):
         data_seed: seed of the token groups and the samples.
         seed: seed of the training shuffle (the run's seed).
         num_workers: ``DataLoader`` worker processes.
+        input_shape: ``[seq_length]`` or None; stated so that configs can interpolate it.
 
     Example::
 
@@ -83,7 +86,13 @@ class SyntheticTextDataModule(TensorDataModule):
         data_seed: int = 0,
         seed: int = 0,
         num_workers: int = 0,
+        input_shape: Sequence[int] | None = None,
     ) -> None:
+        if input_shape is not None and [int(d) for d in input_shape] != [int(seq_length)]:
+            raise ValueError(
+                f"`input_shape`={list(input_shape)} is not allowed; a sample is `seq_length` "
+                f"token ids: [{seq_length}]."
+            )
         if int(num_classes) < 2:
             raise ValueError(f"`num_classes`={num_classes!r} is not allowed; it must be >= 2.")
         if int(vocab_size) <= int(num_classes):
