@@ -52,6 +52,7 @@ from lightning_sparse.run.recipe import (
     recipe_to_dict,
     single_process,
 )
+from lightning_sparse.run.recipe_file import apply_recipe_file
 from lightning_sparse.run.resume import RESUME_FILE, resume_config
 
 __all__ = [
@@ -267,6 +268,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     recipe_name = _recipe_name(cfg)
     if cfg.get("resume"):
         cfg, recipe_name = resume_config(cfg)
+    elif cfg.get("recipe_file"):  # a SparseML recipe in place of the recipe group
+        cfg, recipe_name = apply_recipe_file(cfg)
     pl.seed_everything(int(cfg.seed), workers=True)
     trainer_kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
     check_strategy(trainer_kwargs)
