@@ -60,9 +60,11 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def compose_and_run(entry: Any, config: str, output_dir: Path, *overrides: str) -> dict[str, Any]:
+def compose_and_run(
+    entry: Any, config: str, output_dir: Path, *overrides: str, quick: bool = True
+) -> dict[str, Any]:
     cfg = compose_config(
-        [*QUICK, *overrides, f"output_dir='{output_dir}'"],
+        [*(QUICK if quick else []), *overrides, f"output_dir='{output_dir}'"],
         config_name=config,
         return_hydra_config=True,
     )
@@ -165,3 +167,22 @@ def test_oneshot_recipes(
     )  # fmt: skip
     assert summary["sparsity"] == pytest.approx(0.7, abs=2e-3)
     assert PROJECTION[model] in summary["sparsity_per_layer"]
+
+
+@pytest.mark.slow
+def test_a_pruned_and_quantized_gpt2_run_resumes(tmp_path: Path) -> None:
+    first = tmp_path / "first"
+    compose_and_run(
+        training, "train", first, "model=gpt2_tiny", "recipe=gmp_qat", "export=false",
+        "trainer.max_epochs=3", "recipe.pruning.start_epoch=0", "recipe.pruning.end_epoch=1",
+        "recipe.quantization.disable_quantization_observer_epoch=null",
+    )  # fmt: skip
+    resumed = compose_and_run(
+        training, "train", tmp_path / "resumed", f"resume='{first}'", "trainer.max_epochs=4", "export=true",
+        quick=False,
+    )  # fmt: skip
+    assert resumed["status"] == "ok"
+    assert resumed["epochs"] == 4
+    assert resumed["resumed_from"].endswith("last.ckpt")
+    assert resumed["sparsity"] == pytest.approx(0.9, abs=2e-3)
+    assert resumed["onnx_int8_agreement"] > 0.97
