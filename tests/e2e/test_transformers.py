@@ -178,8 +178,8 @@ def test_a_pruned_and_quantized_gpt2_run_resumes(tmp_path: Path) -> None:
         "recipe.quantization.disable_quantization_observer_epoch=null",
     )  # fmt: skip
     resumed = compose_and_run(
-        training, "train", tmp_path / "resumed", f"resume='{first}'", "trainer.max_epochs=4", "export=true",
-        quick=False,
+        training, "train", tmp_path / "resumed", f"resume='{first}'", "trainer.max_epochs=4",
+        "export=true", quick=False,
     )  # fmt: skip
     assert resumed["status"] == "ok"
     assert resumed["epochs"] == 4

@@ -1,4 +1,4 @@
-"""Hugging Face backbones built from configs: names, layouts, checkpoints, save_pretrained folders."""
+"""Hugging Face backbones from configs: names, layouts, checkpoints, save_pretrained folders."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import torch
 
 from lightning_sparse.core.layers import Layout
 from lightning_sparse.core.targets import ALL_PRUNABLE, resolve_params, weight_layouts
+from lightning_sparse.models.transformers import bert_tiny, gpt2_tiny
 from lightning_sparse.module import ClassificationModule
 
 pytest.importorskip("transformers")
-from lightning_sparse.models.transformers import bert_tiny, gpt2_tiny  # noqa: E402
 
 INPUTS = {
     "input_ids": torch.randint(1, 50, (2, 10)),
