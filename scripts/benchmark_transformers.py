@@ -197,7 +197,8 @@ def transformers_markdown(results: dict[str, Any]) -> str:
         f"{_pct(summary['onnx_fp32_acc'])} |",
         f"| {settings.sparsity:.0%} sparse, int8 | ONNX Runtime (`model_int8.onnx`) | "
         f"{_pct(summary['onnx_int8_acc'])} |",
-        f"| {settings.sparsity:.0%} sparse, fake-quantized | PyTorch | {_pct(summary['test_acc'])} |",
+        f"| {settings.sparsity:.0%} sparse, fake-quantized | PyTorch | "
+        f"{_pct(summary['test_acc'])} |",
         "",
         f"int8 in ONNX Runtime vs PyTorch's fake-quantized model: {int8_gap:+.2f} points "
         f"(target within 0.5: {'met' if abs(int8_gap) <= 0.5 else 'NOT met'}); top-1 agreement "
