@@ -300,6 +300,8 @@ class OneShotQuantization(OneShotStep):
 
 def _batch_size(batch: Any) -> int:
     inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+    if isinstance(inputs, Mapping):  # {input_ids, attention_mask}
+        inputs = next(iter(inputs.values()), None)
     return int(inputs.shape[0]) if isinstance(inputs, torch.Tensor) else 1
 
 

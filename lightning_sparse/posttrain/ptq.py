@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -26,16 +26,19 @@ __all__ = [
 ]
 
 
-def _inputs(batch: Any) -> torch.Tensor:
-    """The model input of a batch: the batch itself or its first element (``(inputs, labels)``)."""
+def _inputs(batch: Any, device: torch.device) -> Any:
+    """The model input of a batch on ``device``: the batch itself or its first element
+    (``(inputs, labels)``), a tensor or a dict of tensors (``{input_ids, attention_mask}``)."""
     if isinstance(batch, (list, tuple)):
         batch = batch[0]
-    if not isinstance(batch, torch.Tensor):
-        raise TypeError(
-            f"ptq expects batches that are a tensor or (inputs, ...) with tensor inputs; got "
-            f"{type(batch).__name__}."
-        )
-    return batch
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping) and all(isinstance(v, torch.Tensor) for v in batch.values()):
+        return {key: value.to(device) for key, value in batch.items()}
+    raise TypeError(
+        f"ptq expects batches that are a tensor or (inputs, ...) with inputs a tensor or a dict "
+        f"of tensors; got {type(batch).__name__}."
+    )
 
 
 def ptq(
@@ -177,7 +180,7 @@ def ptq_calibrate(
     try:
         with handle.calibrating():
             for batch in batches:
-                module(_inputs(batch).to(device))
+                module(_inputs(batch, device))
                 seen += 1
     except BaseException:
         handle.remove()

@@ -186,3 +186,14 @@ def test_a_pruned_and_quantized_gpt2_run_resumes(tmp_path: Path) -> None:
     assert resumed["resumed_from"].endswith("last.ckpt")
     assert resumed["sparsity"] == pytest.approx(0.9, abs=2e-3)
     assert resumed["onnx_int8_agreement"] > 0.97
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", MODELS)
+def test_post_training_int8(model: str, dense_runs: dict[str, Path], tmp_path: Path) -> None:
+    summary = compose_and_run(
+        oneshot, "oneshot", tmp_path, f"model={model}", "recipe=ptq_int8",
+        f"ckpt_path='{dense_runs[model]}'", "oneshot.quantization.calibration_batches=2",
+    )  # fmt: skip
+    assert summary["onnx_int8_agreement"] > 0.97
+    assert summary["onnx_fp32_max_abs_diff"] < 1e-4
