@@ -26,7 +26,12 @@ from lightning_sparse.core.criteria import (
     needs_calibration,
 )
 from lightning_sparse.core.masks import check_compatible, parse_mask_type
-from lightning_sparse.core.targets import ALL_PRUNABLE, resolve_params, weight_layouts
+from lightning_sparse.core.targets import (
+    ALL_PRUNABLE,
+    resolve_params,
+    unknown_weights_note,
+    weight_layouts,
+)
 from lightning_sparse.module import CHECKPOINT_IN_RUN_DIR
 from lightning_sparse.posttrain.ptq import ptq_calibrate, ptq_check
 from lightning_sparse.run import report
@@ -182,6 +187,9 @@ class OneShotPruning(OneShotStep):
     def apply(self, module: nn.Module, calibration: Sequence[Any]) -> dict[str, Any]:
         targets = resolve_params(module, self.params)
         self._targets = list(targets)
+        note = unknown_weights_note(module) if ALL_PRUNABLE in self.params else None
+        if note:
+            log.warning("OneShotPruning: %s", note)
         batches = calibration[: self.calibration_batches] if self.calibration_batches else None
         scores = criterion_scores(module, targets, self.criterion, batches)
         masks = criterion_masks(
