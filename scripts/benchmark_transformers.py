@@ -167,7 +167,8 @@ def transformers_markdown(results: dict[str, Any]) -> str:
     env = results["environment"]
     summary = results["summary"]
     timing = results["latency"]
-    int8_gap = 100 * (summary["onnx_int8_acc"] - summary["test_acc"])
+    # + 0.0 turns a rounded -0.00 into 0.00
+    int8_gap = round(100 * (summary["onnx_int8_acc"] - summary["test_acc"]), 2) + 0.0
     ratio = timing["int8"] / timing["fp32"]
     lines = [
         f"## Transformers: `model={settings.model} data=synthetic_text`, "
@@ -188,7 +189,9 @@ def transformers_markdown(results: dict[str, Any]) -> str:
         f"the head to {settings.sparsity:.0%} (cubic, epochs {settings.prune_start:g}-"
         f"{settings.prune_end:g}) with the dense self as teacher, then int8 QAT to epoch "
         f"{settings.epochs}. *dense*: `baseline=train`, a dense model trained in the same job "
-        "with the same settings and seed. Embeddings and attention products stay float.",
+        "with the same settings and seed; *fp32*: the final weights without quantization; "
+        "*fake-quantized*: what `model_int8.onnx` must reproduce. Embeddings and attention "
+        "products stay float.",
         "",
         "| model | runs in | test accuracy % |",
         "| :--- | :--- | ---: |",
