@@ -25,6 +25,7 @@ from lightning_sparse.core.fake_quant import LayerQuantizer, quantized_layers
 from lightning_sparse.deploy.compressed import COMPRESSED_FILE, dense_bytes, save_compressed
 from lightning_sparse.deploy.onnx_int8 import (
     ExportError,
+    call_model,
     export_onnx,
     flatten_inputs,
     onnx_layer_quant,
@@ -153,7 +154,10 @@ def _latency_inputs(data: ExportData, size: int) -> dict[str, np.ndarray]:
     parts: list[dict[str, np.ndarray]] = []
     count = 0
     for inputs, _ in _batches(data):
-        parts.append(_numpy_inputs(inputs))
+        arrays = _numpy_inputs(inputs)
+        if parts and any(arrays[k].shape[1:] != parts[0][k].shape[1:] for k in arrays):
+            break  # batches padded to other lengths: time the ones that stack
+        parts.append(arrays)
         count += _size(inputs)
         if count >= size:
             break
@@ -272,12 +276,12 @@ def _export(
     for x, y in _batches(data):
         inputs = _numpy_inputs(x)
         with _float_mode(module):
-            reference = module(x).numpy()
+            reference = call_model(module, x).numpy()
         outputs = {name: session(inputs) for name, session in sessions.items()}
         max_diff = max(max_diff, float(np.abs(outputs["fp32"] - reference).max()))
         counted = _counted(y).numpy() if y is not None else np.ones(reference.shape[:-1], bool)
         if "int8" in outputs:
-            quantized_reference = module(x).numpy()
+            quantized_reference = call_model(module, x).numpy()
             same = outputs["int8"].argmax(-1) == quantized_reference.argmax(-1)
             agree += int((same & counted).sum())
         if y is None:

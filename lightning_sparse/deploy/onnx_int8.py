@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -18,8 +19,10 @@ _INT32 = (-(2**31), 2**31 - 1)
 __all__ = [
     "ExportError",
     "OnnxLayerQuant",
+    "call_model",
     "export_onnx",
     "flatten_inputs",
+    "model_logits",
     "onnx_layer_quant",
     "quantize_onnx",
     "rebuild_inputs",
@@ -42,7 +45,29 @@ class _NamedInputs(nn.Module):
         self.structure = structure
 
     def forward(self, *leaves: torch.Tensor) -> Any:
-        return self.inner(rebuild_inputs(self.structure, list(leaves)))
+        return call_model(self.inner, rebuild_inputs(self.structure, list(leaves)))
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """The model's logits for one input.
+
+    A dict whose keys all name parameters of ``model.forward`` (a Hugging Face model's
+    ``input_ids``, ``attention_mask``) is passed as keyword arguments; anything else as the one
+    positional argument (``ClassificationModule`` takes the dict itself).
+    """
+    if isinstance(inputs, Mapping) and inputs:
+        try:
+            parameters = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            parameters = {}  # type: ignore[assignment]
+        if all(str(key) in parameters for key in inputs):
+            return model_logits(model(**inputs))
+    return model_logits(model(inputs))
+
+
+def model_logits(output: Any) -> Any:
+    """A model's logits: its output, or the ``logits`` of a Hugging Face ``ModelOutput``."""
+    return getattr(output, "logits", output)
 
 
 def flatten_inputs(inputs: Any, prefix: str = "") -> tuple[Any, list[tuple[str, torch.Tensor]]]:

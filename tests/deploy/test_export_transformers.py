@@ -146,3 +146,14 @@ def test_int8_onnx_runs_on_integer_kernels_within_half_a_point(
         layers
     )
     assert ops["MatMul"] + ops["Gemm"] == 4
+
+
+def test_a_plain_hugging_face_model_exports_its_logits(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = transformers_models.gpt2_tiny(num_classes=3, hidden_size=32, max_positions=32)
+    example = {"input_ids": torch.randint(1, 100, (2, 7))}
+    summary = export_model(model, example, tmp_path / "e", latency_runs=1, batch_size=2)
+    session = ort.InferenceSession(summary["onnx_fp32_path"], providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input_ids"]
+    (logits,) = session.run(None, {"input_ids": np.ones((1, 5), dtype=np.int64)})
+    assert logits.shape == (1, 5, 3)
