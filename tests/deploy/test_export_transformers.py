@@ -157,3 +157,27 @@ def test_a_plain_hugging_face_model_exports_its_logits(tmp_path: Path) -> None:
     assert [i.name for i in session.get_inputs()] == ["input_ids"]
     (logits,) = session.run(None, {"input_ids": np.ones((1, 5), dtype=np.int64)})
     assert logits.shape == (1, 5, 3)
+
+
+def test_compressed_round_trip_of_a_quantized_gpt2_keeps_conv1d_columns(tmp_path: Path) -> None:
+    from lightning_sparse.deploy.compressed import load_compressed, save_compressed
+
+    module = _module("gpt2")
+    handle = install(module, select_layers(module), QuantSpec(symmetric=False))
+    data = _data()
+    data.setup()
+    module.eval()
+    with torch.no_grad(), handle.calibrating():
+        for index, (inputs, _) in enumerate(data.train_dataloader()):
+            module(inputs)
+            if index == 1:
+                break
+    handle.set_phase(fake_quant=True, observe=False)
+    with torch.no_grad():
+        module.model.transformer.h[0].mlp.c_fc.weight[:, :5] = 0.0  # whole output columns
+    save_compressed(module, tmp_path / "c.safetensors")
+    restored = _module("gpt2")
+    load_compressed(tmp_path / "c.safetensors", restored)
+    inputs, _ = next(iter(data.test_dataloader()))
+    with torch.no_grad():
+        assert torch.equal(module(inputs), restored.eval()(inputs))
