@@ -42,6 +42,7 @@ from lightning_sparse.callbacks.base import (
     ScheduleLimit,
     fractional_epoch,
 )
+from lightning_sparse.core.batch import model_inputs
 from lightning_sparse.core.checkpoint import checkpoint_path, read_state_dict
 from lightning_sparse.core.nodes import build_node
 from lightning_sparse.module import CompressionModule, copy_without_trainer, drop_instance_forwards
@@ -238,21 +239,6 @@ class _Tap:
         self._handles = []
         self.outputs = {}
         self.armed = False
-
-
-def _inputs(batch: Any) -> Any:
-    """The model input of a batch: its first element (``(inputs, labels)``) or the batch itself."""
-    if isinstance(batch, (list, tuple)):
-        return batch[0]
-    if isinstance(batch, Mapping):
-        for key in ("input", "inputs", "x", "image", "images"):
-            if key in batch:
-                return batch[key]
-        raise ValueError(
-            f"KnowledgeDistillation cannot find the model input in a batch with keys "
-            f"{sorted(batch)}; use (inputs, labels) tuples or one of the keys input/inputs/x/image."
-        )
-    return batch
 
 
 def _freeze(model: nn.Module) -> nn.Module:
@@ -701,7 +687,7 @@ class KnowledgeDistillation(CompressionCallback):
             self._teacher_tap.armed = bool(self.features)
             try:
                 with torch.no_grad():
-                    teacher_logits = self._teacher(_inputs(batch))
+                    teacher_logits = self._teacher(model_inputs(batch))
             finally:
                 self._teacher_tap.armed = False
             if self.hardness > 0:

@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_sparse.core.batch import model_inputs, to_device
 from lightning_sparse.core.layers import Layout, kind_of, type_name
 from lightning_sparse.core.masks import MaskType, compute_masks
 
 __all__ = [
     "CRITERIA",
-    "batch_inputs",
     "criterion_masks",
     "criterion_scores",
     "input_rms",
@@ -47,21 +47,6 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 def needs_calibration(criterion: str) -> bool:
     """Whether ``criterion`` reads calibration activations."""
     return criterion == "wanda"
-
-
-def batch_inputs(batch: Any) -> Any:
-    """The model input of a batch: ``batch[0]`` of an ``(inputs, labels, ...)`` tuple or list."""
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
-
-
-def _to_device(inputs: Any, device: torch.device) -> Any:
-    if isinstance(inputs, torch.Tensor):
-        return inputs.to(device)
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(_to_device(x, device) for x in inputs)
-    if isinstance(inputs, Mapping):
-        return {k: _to_device(v, device) for k, v in inputs.items()}
-    return inputs
 
 
 class _SquareSums:
@@ -145,7 +130,8 @@ def input_rms(
         model: the model; called as ``model(inputs)``.
         names: weights (as in ``model.named_parameters()``) of layers of a known kind (Conv,
             Linear, Conv1D, registered types) whose input is a float tensor.
-        batches: calibration batches; the input is :func:`batch_inputs` of each.
+        batches: calibration batches; the model input of each is
+            :func:`~lightning_sparse.core.batch.model_inputs`.
         max_batches: use at most this many batches (None: all).
 
     Returns:
@@ -196,7 +182,7 @@ def input_rms(
             for batch in batches:
                 if max_batches is not None and seen >= max_batches:
                     break
-                model(_to_device(batch_inputs(batch), device))
+                model(to_device(model_inputs(batch), device))
                 seen += 1
     finally:
         for handle in handles:

@@ -4,14 +4,10 @@ Every technique that looks inside a weight reads its layout from here: masks (N:
 along the input dimension, ``channel`` removes output channels), QAT's per-output-channel scales,
 Wanda's input norms, and the int8 ONNX rewrite. Built in:
 
-=====================================  ===========  =========  ==========  ================
-type                                   weight       input dim  output dim  ``__ALL_PRUNABLE__``
-=====================================  ===========  =========  ==========  ================
-``nn.Linear``                          ``[out, in]``  1          0           yes
-``nn.Conv1d/2d/3d``                    ``[out, in/groups, *k]``  1   0      yes
-``transformers.pytorch_utils.Conv1D``  ``[in, out]``  0          1           yes
-``nn.Embedding``                       ``[vocab, dim]``  0       1           no (prunable by name)
-=====================================  ===========  =========  ==========  ================
+- ``nn.Linear``: weight ``[out, in]`` (input dim 1, output dim 0), in ``__ALL_PRUNABLE__``;
+- ``nn.Conv1d/2d/3d``: ``[out, in / groups, *kernel]`` (1, 0), in ``__ALL_PRUNABLE__``;
+- ``transformers.pytorch_utils.Conv1D``: ``[in, out]`` (0, 1), in ``__ALL_PRUNABLE__``;
+- ``nn.Embedding``: ``[vocab, dim]`` (0, 1), prunable by name only, never quantized.
 
 Hugging Face's ``Conv1D`` (GPT-2's layers) is registered by its dotted class name, so nothing here
 imports ``transformers``. An embedding is a lookup, i.e. ``one_hot(ids) @ weight``: the vocabulary

@@ -19,6 +19,7 @@ from typing_extensions import override
 
 from lightning_sparse.callbacks import ConstantPruning
 from lightning_sparse.callbacks.base import MASKS, compression_callbacks, to_plain
+from lightning_sparse.core.batch import batch_size
 from lightning_sparse.core.criteria import (
     CRITERIA,
     criterion_masks,
@@ -202,7 +203,7 @@ class OneShotPruning(OneShotStep):
         with torch.no_grad():
             for name, param in targets.items():
                 param.masked_fill_(~masks[name], 0.0)
-        samples = sum(_batch_size(batch) for batch in batches) if batches else 0
+        samples = sum(batch_size(batch) for batch in batches) if batches else 0
         return {
             **self.config(),
             "calibration_batches_used": len(batches) if batches else 0,
@@ -297,20 +298,13 @@ class OneShotQuantization(OneShotStep):
         return {
             **self.config(),
             "calibration_batches_used": len(batches),
-            "calibration_samples": sum(_batch_size(batch) for batch in batches),
+            "calibration_samples": sum(batch_size(batch) for batch in batches),
             "quantized_layers": sorted(handle.layers),
         }
 
     @override
     def config(self) -> dict[str, Any]:
         return {"calibration_batches": self._calibration_batches, **self.options}
-
-
-def _batch_size(batch: Any) -> int:
-    inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-    if isinstance(inputs, Mapping):  # {input_ids, attention_mask}
-        inputs = next(iter(inputs.values()), None)
-    return int(inputs.shape[0]) if isinstance(inputs, torch.Tensor) else 1
 
 
 class OneShotRecord(Callback):

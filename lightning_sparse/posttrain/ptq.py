@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_sparse.callbacks.quantization import _check_ignore, _check_spec, select_layers
+from lightning_sparse.core.batch import model_inputs, to_device
 from lightning_sparse.core.fake_quant import (
     QuantizedModel,
     QuantSpec,
@@ -24,21 +25,6 @@ __all__ = [
     "ptq_calibrate",
     "ptq_check",
 ]
-
-
-def _inputs(batch: Any, device: torch.device) -> Any:
-    """The model input of a batch on ``device``: the batch itself or its first element
-    (``(inputs, labels)``), a tensor or a dict of tensors (``{input_ids, attention_mask}``)."""
-    if isinstance(batch, (list, tuple)):
-        batch = batch[0]
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping) and all(isinstance(v, torch.Tensor) for v in batch.values()):
-        return {key: value.to(device) for key, value in batch.items()}
-    raise TypeError(
-        f"ptq expects batches that are a tensor or (inputs, ...) with inputs a tensor or a dict "
-        f"of tensors; got {type(batch).__name__}."
-    )
 
 
 def ptq(
@@ -180,7 +166,7 @@ def ptq_calibrate(
     try:
         with handle.calibrating():
             for batch in batches:
-                module(_inputs(batch, device))
+                module(to_device(model_inputs(batch), device))
                 seen += 1
     except BaseException:
         handle.remove()

@@ -15,8 +15,9 @@ import torch
 import yaml
 from hydra.core.hydra_config import HydraConfig
 
-from lightning_sparse import oneshot, train
+from lightning_sparse import oneshot
 from lightning_sparse.models import SmallCNN
+from lightning_sparse.run import training as train
 from lightning_sparse.run.recipe import RecipeError, compose_config
 from tests.e2e.app import REPO
 from tests.stage_helpers import write_mnist
