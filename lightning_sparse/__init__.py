@@ -4,7 +4,8 @@ Techniques are callbacks (``MagnitudePruning``, ``ConstantPruning``,
 ``QuantizationAwareTraining``, ``KnowledgeDistillation``, ``SparsityRegularization``,
 ``EarlyExit``); a LightningModule that takes
 loss terms from techniques mixes in ``CompressionModule``; ``recipe.load`` builds the callbacks of a
-shipped recipe without a Hydra app.
+shipped recipe without a Hydra app; ``register_layer_kind`` tells every technique how to read the
+weight of a layer type of your own (which dimension is input, which output).
 
 The names below are imported on first use, not with the package: ``python -m
 lightning_sparse.train --help`` (or a misspelled override) then answers without importing torch and
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
         QuantizationAwareTraining,
         SparsityRegularization,
     )
+    from lightning_sparse.core.layers import register_layer_kind
     from lightning_sparse.module import ClassificationModule, CompressionModule
 
 # Public name -> the module that defines it (the module itself for `recipe`, the recipe API:
@@ -45,6 +47,7 @@ _LAZY = {
     "QuantizationAwareTraining": "lightning_sparse.callbacks",
     "SparsityRegularization": "lightning_sparse.callbacks",
     "recipe": "lightning_sparse.recipe",
+    "register_layer_kind": "lightning_sparse.core.layers",
 }
 
 __all__ = [
@@ -60,6 +63,7 @@ __all__ = [
     "QuantizationAwareTraining",
     "SparsityRegularization",
     "recipe",
+    "register_layer_kind",
 ]
 __version__ = "0.1.0"
 

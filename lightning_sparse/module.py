@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,6 +32,7 @@ from lightning_sparse.core.checkpoint import CHECKPOINT_IN_RUN_DIR, checkpoint_p
 
 __all__ = [
     "CHECKPOINT_IN_RUN_DIR",
+    "IGNORE_INDEX",
     "LR_SCHEDULES",
     "OPTIMIZERS",
     "ClassificationModule",
@@ -44,6 +46,9 @@ __all__ = [
 ]
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+# Labels of positions that do not count (padding of token classification), as Hugging Face marks
+# them.
+IGNORE_INDEX = -100
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -116,8 +121,15 @@ class ClassificationModule(CompressionModule, pl.LightningModule):
     ``test/loss`` and ``test/acc`` (plain accuracy, micro-averaged), plus
     ``train/compression_loss`` when a callback contributes one.
 
+    Token classification works the same way: logits ``[batch, seq, classes]`` against labels
+    ``[batch, seq]``, where label ``-100`` (padding) counts in neither loss nor accuracy. A batch's
+    inputs may be a dict (``{input_ids, attention_mask}``), passed to the backbone as keyword
+    arguments, and a backbone may answer with an object holding ``logits`` (a Hugging Face model:
+    ``model=bert_tiny``, ``model=gpt2_tiny``).
+
     Args:
-        model: the backbone: images in, logits out (built by Hydra from the nested ``model:`` node).
+        model: the backbone: inputs in, logits out (built by Hydra from the nested ``model:``
+            node).
         num_classes: number of classes the backbone predicts.
         lr: learning rate.
         weight_decay: weight decay (decoupled for ``adamw``).
@@ -199,9 +211,15 @@ class ClassificationModule(CompressionModule, pl.LightningModule):
         self.save_hyperparameters(ignore=["model"])
         self.model = model
         self.num_classes = int(num_classes)
-        self.train_acc = MulticlassAccuracy(self.num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(self.num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(self.num_classes, average="micro")
+        self.train_acc = MulticlassAccuracy(
+            self.num_classes, average="micro", ignore_index=IGNORE_INDEX
+        )
+        self.val_acc = MulticlassAccuracy(
+            self.num_classes, average="micro", ignore_index=IGNORE_INDEX
+        )
+        self.test_acc = MulticlassAccuracy(
+            self.num_classes, average="micro", ignore_index=IGNORE_INDEX
+        )
         found = find_head(model, head)
         self.head_name = found[0] if found else None
         if found and found[1].out_features != self.num_classes:
@@ -245,8 +263,11 @@ class ClassificationModule(CompressionModule, pl.LightningModule):
             )
 
     @override
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+    def forward(self, x: Any) -> torch.Tensor:
+        # Dict inputs ({input_ids, attention_mask}) are keyword arguments; a Hugging Face model
+        # answers with a ModelOutput whose logits are what a classifier trains on.
+        output = self.model(**x) if isinstance(x, Mapping) else self.model(x)
+        return getattr(output, "logits", output)
 
     @override
     def training_step(
@@ -254,11 +275,11 @@ class ClassificationModule(CompressionModule, pl.LightningModule):
     ) -> torch.Tensor:
         inputs, labels = batch
         logits = self(inputs)
-        loss = F.cross_entropy(logits, labels)
+        loss = F.cross_entropy(_classes_first(logits), labels, ignore_index=IGNORE_INDEX)
         extra = self.compression_loss(batch, logits)
         if self.has_compression_loss():
             self.log("train/compression_loss", extra, on_step=False, on_epoch=True)
-        self.train_acc(logits.detach(), labels)
+        self.train_acc(_classes_first(logits.detach()), labels)
         self.log("train/loss", loss + extra, on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss + extra
@@ -275,10 +296,11 @@ class ClassificationModule(CompressionModule, pl.LightningModule):
         self, batch: tuple[torch.Tensor, torch.Tensor], split: str, metric: MulticlassAccuracy
     ) -> None:
         inputs, labels = batch
-        logits = self(inputs)
+        logits = _classes_first(self(inputs))
         metric(logits, labels)
+        loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
         # sync_dist averages the loss over DDP ranks; the metric object syncs itself.
-        self.log(f"{split}/loss", F.cross_entropy(logits, labels), sync_dist=True)
+        self.log(f"{split}/loss", loss, sync_dist=True)
         self.log(f"{split}/acc", metric, prog_bar=split == "val")
 
     @override
@@ -322,6 +344,12 @@ class ClassificationModule(CompressionModule, pl.LightningModule):
         if name == "adamw":
             return torch.optim.AdamW(params, lr=lr, weight_decay=decay)
         return torch.optim.SGD(params, lr=lr, momentum=self.hparams["momentum"], weight_decay=decay)
+
+
+def _classes_first(logits: torch.Tensor) -> torch.Tensor:
+    """Per-token logits ``[batch, seq, classes]`` as ``[batch, classes, seq]`` (what the loss and
+    the metrics take); per-sample logits ``[batch, classes]`` as they are."""
+    return logits.movedim(-1, 1) if logits.dim() > 2 else logits
 
 
 def _cosine(step: int, total: int, floor: float) -> float:

@@ -171,8 +171,17 @@ def test_the_groups_ship_what_the_readme_promises() -> None:
         "mnist",
         "mnist5k",
         "synthetic",
+        "synthetic_text",
     ]
-    assert options("model") == ["cnn", "lenet5", "mlp", "mobilenet_v3_small", "resnet18"]
+    assert options("model") == [
+        "bert_tiny",
+        "cnn",
+        "gpt2_tiny",
+        "lenet5",
+        "mlp",
+        "mobilenet_v3_small",
+        "resnet18",
+    ]
     assert options("trainer") == ["cpu", "ddp", "ddp_sim", "gpu"]
     assert options("logger") == ["csv", "wandb"]
     assert options("callbacks") == ["default", "early_stopping"]
@@ -221,6 +230,19 @@ def test_main_job_recipe() -> None:
     assert moved.recipe.quantization.start_epoch == 12
 
 
+# Token models read token ids; the image models read images.
+TEXT_MODELS = {"bert_tiny", "gpt2_tiny"}
+TEXT_DATA = {"synthetic_text"}
+
+
+def data_for(model: str) -> str:
+    return "synthetic_text" if model in TEXT_MODELS else "digits"
+
+
+def fits(model: str, data: str) -> bool:
+    return (model in TEXT_MODELS) == (data in TEXT_DATA)
+
+
 def composes_binds_and_builds(recipe: str, model: str, data: str) -> None:
     cfg = compose_with_stand_ins([f"recipe={recipe}", f"model={model}", f"data={data}"])
     plain = resolved(cfg)
@@ -239,20 +261,27 @@ def composes_binds_and_builds(recipe: str, model: str, data: str) -> None:
     else:
         check_against_model(callbacks, module)
     shape = tuple(cfg.data.input_shape)
-    assert module(torch.zeros(2, *shape)).shape == (2, cfg.data.num_classes)
+    if data in TEXT_DATA:  # a class per token
+        ids = torch.ones(2, *shape, dtype=torch.int64)
+        logits = module({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+        assert logits.shape == (2, *shape, cfg.data.num_classes)
+    else:
+        assert module(torch.zeros(2, *shape)).shape == (2, cfg.data.num_classes)
 
 
-# Recipe x model (on the default data) and model x data (with the default recipe) cover every pair
-# that must fit, without the cost of the whole cross product.
+# Recipe x model (on the default data, text data for token models) and model x data (with the
+# default recipe; image models with image data, token models with text data) cover every pair that
+# must fit, without the cost of the whole cross product.
 @pytest.mark.parametrize(
     ("recipe", "model"), list(itertools.product(options("recipe"), options("model")))
 )
 def test_every_recipe_and_model_compose_bind_and_build(recipe: str, model: str) -> None:
-    composes_binds_and_builds(recipe, model, "digits")
+    composes_binds_and_builds(recipe, model, data_for(model))
 
 
 @pytest.mark.parametrize(
-    ("model", "data"), list(itertools.product(options("model"), options("data")))
+    ("model", "data"),
+    [pair for pair in itertools.product(options("model"), options("data")) if fits(*pair)],
 )
 def test_every_model_and_data_compose_bind_and_build(model: str, data: str) -> None:
     composes_binds_and_builds("gmp", model, data)

@@ -15,7 +15,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -29,6 +29,7 @@ from lightning_sparse.callbacks.base import (
     is_number,
     to_plain,
 )
+from lightning_sparse.core.layers import Layout
 from lightning_sparse.core.masks import (
     check_compatible,
     compute_masks,
@@ -36,7 +37,12 @@ from lightning_sparse.core.masks import (
     parse_mask_type,
 )
 from lightning_sparse.core.schedule import INTERPOLATIONS, SparsitySchedule
-from lightning_sparse.core.targets import ALL_PRUNABLE, resolve_params
+from lightning_sparse.core.targets import (
+    ALL_PRUNABLE,
+    resolve_params,
+    unknown_weights_note,
+    weight_layouts,
+)
 
 __all__ = ["ConstantPruning", "GradualPruning", "MagnitudePruning", "MaskPruning"]
 
@@ -55,7 +61,8 @@ class MaskPruning(CompressionCallback):
 
     Args:
         params: parameter names, ``re:`` regexes (``re.match`` from the start of the name) or
-            ``__ALL_PRUNABLE__`` (every Conv/Linear weight).
+            ``__ALL_PRUNABLE__`` (every Conv/Linear/Conv1D weight, see
+            :mod:`lightning_sparse.core.layers`).
         name: distinguishes two instances in checkpoints and logs.
 
     Raises:
@@ -78,6 +85,8 @@ class MaskPruning(CompressionCallback):
             raise ValueError(f"`params` is empty; give names, `re:` patterns or {ALL_PRUNABLE!r}.")
         self.params: list[str] = params
         self._targets: dict[str, nn.Parameter] = {}
+        # Which dimension of each target is its input and which its output (its layer's kind).
+        self._layouts: dict[str, Layout] = {}
         self._masks: dict[str, torch.Tensor] = {}
         # The masks as multipliers in each parameter's dtype: on CPU, `mul_` by a float mask is
         # over 10x faster than `masked_fill_` with a bool one (measured on a 2304x2048 weight),
@@ -94,6 +103,11 @@ class MaskPruning(CompressionCallback):
     def targets(self) -> dict[str, nn.Parameter]:
         """The weights this callback prunes, by name, once set up for fit."""
         return dict(self._targets)
+
+    @property
+    def layouts(self) -> dict[str, Layout]:
+        """Input and output dimension of each target weight, once set up for fit."""
+        return dict(self._layouts)
 
     @property
     @override
@@ -118,6 +132,10 @@ class MaskPruning(CompressionCallback):
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
             self._targets = self.resolve_targets(pl_module)
+            self._layouts = weight_layouts(pl_module, self._targets)
+            note = unknown_weights_note(pl_module) if ALL_PRUNABLE in self.params else None
+            if note:
+                rank_zero_warn(f"{self.log_name}: {note}")
 
     def set_masks(self, trainer: pl.Trainer, masks: dict[str, torch.Tensor]) -> None:
         """Make ``masks`` identical on every rank (rank 0 wins), keep them and zero the weights."""
@@ -224,7 +242,8 @@ class GradualPruning(MaskPruning):
         update_frequency: epochs between updates; fractions such as 0.25 allowed.
         inter_func: ``linear``, ``cubic`` (fast early, Zhu & Gupta) or ``inverse_cubic``.
         params: parameter names, ``re:`` regexes (``re.match`` from the start of the name) or
-            ``__ALL_PRUNABLE__`` (every Conv/Linear weight).
+            ``__ALL_PRUNABLE__`` (every Conv/Linear/Conv1D weight, see
+            :mod:`lightning_sparse.core.layers`).
         global_sparsity: one magnitude threshold over all ``params`` instead of one per layer.
         mask_type: ``unstructured``, ``N:M`` (e.g. ``2:4``, along the input dimension),
             ``blockB`` (e.g. ``block4``) or ``channel`` (whole output channels).
@@ -333,8 +352,10 @@ class GradualPruning(MaskPruning):
 
     @override
     def check_model(self, model: nn.Module) -> None:
-        for name, param in self.resolve_targets(model).items():
-            check_compatible(name, param.shape, self._mask_type)
+        targets = self.resolve_targets(model)
+        layouts = weight_layouts(model, targets)
+        for name, param in targets.items():
+            check_compatible(name, param.shape, self._mask_type, layouts[name])
 
     @override
     def target_curve(self, epochs: list[float]) -> dict[str, list[float]] | None:
@@ -346,7 +367,7 @@ class GradualPruning(MaskPruning):
         if stage != "fit":
             return
         for name, param in self._targets.items():
-            check_compatible(name, param.shape, self._mask_type)
+            check_compatible(name, param.shape, self._mask_type, self._layouts[name])
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -408,8 +429,12 @@ class GradualPruning(MaskPruning):
     def compute_masks(
         self, scores: dict[str, torch.Tensor], sparsity: float
     ) -> dict[str, torch.Tensor]:
-        """Keep-masks at ``sparsity`` from ``scores``, in ``mask_type`` shapes."""
-        return compute_masks(scores, sparsity, self._mask_type, self.global_sparsity)
+        """Keep-masks at ``sparsity`` from ``scores``, in ``mask_type`` shapes.
+
+        N:M groups and blocks run along each weight's input dimension and ``channel`` removes
+        output channels, as its layer kind lays them out (:attr:`layouts`).
+        """
+        return compute_masks(scores, sparsity, self._mask_type, self.global_sparsity, self._layouts)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

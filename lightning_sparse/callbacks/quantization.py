@@ -1,8 +1,9 @@
 """Quantization-aware training (QAT) as a callback, and post-training quantization (PTQ).
 
-Both quantize the weights of Conv/Linear layers to int8 (or 4-bit) and their inputs to uint8, as
-ONNX Runtime's integer kernels compute. The layers are prepared once, in ``setup``: each gets a
-forward that fake-quantizes its weight and input when switched on (the ops are in
+Both quantize the weights of Conv/Linear layers (and Hugging Face's Conv1D, and any quantizable
+kind registered in :mod:`lightning_sparse.core.layers`) to int8 (or 4-bit) and their inputs to
+uint8, as ONNX Runtime's integer kernels compute. The layers are prepared once, in ``setup``: each
+gets a forward that fake-quantizes its weight and input when switched on (the ops are in
 ``lightning_sparse.quant_backend``). Parameters keep their names and types, so pruning masks keep
 holding on them by name and a checkpoint loads into the plain model with ``strict=True``; scales
 and observer ranges live in the callback's state, not in the model.
@@ -30,12 +31,12 @@ from lightning_sparse.callbacks.base import (
     to_plain,
 )
 from lightning_sparse.core.fake_quant import (
-    QUANTIZABLE_TYPES,
     SUPPORTED_BITS,
     QuantizationError,
     QuantizedModel,
     QuantSpec,
     install,
+    is_quantizable,
 )
 
 __all__ = [
@@ -109,11 +110,12 @@ def select_layers(
         ValueError: the model has no quantizable layer; an ``ignore`` entry matches none (or is
             not a valid regex); nothing is left to quantize.
     """
-    modules = {n: m for n, m in model.named_modules() if isinstance(m, QUANTIZABLE_TYPES)}
+    modules = {n: m for n, m in model.named_modules() if is_quantizable(m)}
     if not modules:
         raise ValueError(
             f"{type(model).__name__} has no layer that quantization supports (Conv1d, Conv2d, "
-            "Conv3d, Linear): there is nothing to quantize."
+            "Conv3d, Linear, Conv1D, or a type registered with `register_layer_kind`): there is "
+            "nothing to quantize."
         )
     ignored: set[str] = set()
     for entry in ignore:

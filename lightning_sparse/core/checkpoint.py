@@ -14,6 +14,8 @@ from lightning_sparse.core.fake_quant import STATE_FORMAT, restore
 
 # Where `python -m lightning_sparse.train` (and `.oneshot`) leave the final checkpoint of a run.
 CHECKPOINT_IN_RUN_DIR = Path("checkpoints") / "last.ckpt"
+# What Hugging Face's `save_pretrained` writes: one safetensors file, or shards with an index.
+PRETRAINED_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 
 class CheckpointMismatchError(ValueError):
@@ -117,10 +119,14 @@ def checkpoint_path(path: str | Path, field: str = "init_from") -> Path:
         candidate = given / CHECKPOINT_IN_RUN_DIR
         if candidate.is_file():
             return candidate
+        for name in PRETRAINED_FILES:
+            if (given / name).is_file():
+                return given / name
         raise FileNotFoundError(
             f"`{field}`={str(path)!r}: not a checkpoint: the directory has no "
-            f"{CHECKPOINT_IN_RUN_DIR}; give a run dir of `python -m lightning_sparse.train` (or "
-            "`.oneshot`) or a checkpoint file."
+            f"{CHECKPOINT_IN_RUN_DIR} or {PRETRAINED_FILES[0]}; give a run dir of `python -m "
+            "lightning_sparse.train` (or `.oneshot`), a Hugging Face `save_pretrained` folder, "
+            "or a checkpoint file."
         )
     if not given.is_file():
         raise FileNotFoundError(
@@ -158,15 +164,25 @@ def readable_checkpoint(path: str | Path, field: str = "ckpt_path") -> Path:
 
 
 def read_state_dict(path: str | Path, field: str = "init_from") -> dict[str, torch.Tensor]:
-    """The weights in a run dir, a Lightning checkpoint or a plain ``state_dict`` file.
+    """The weights in a run dir, a Lightning checkpoint, a plain ``state_dict`` file or a folder
+    Hugging Face's ``save_pretrained`` wrote (``model.safetensors``, or its shards).
 
-    Read with ``torch.load(weights_only=True)`` onto the CPU: a checkpoint cannot run code.
+    Read with ``torch.load(weights_only=True)`` (or safetensors) onto the CPU: a checkpoint cannot
+    run code.
 
     Raises:
         FileNotFoundError: see :func:`checkpoint_path`.
         NotACheckpointError: see :func:`readable_checkpoint`.
         ValueError: the file holds no tensors.
     """
+    file = checkpoint_path(path, field)
+    if file.name in PRETRAINED_FILES:
+        try:
+            return _read_safetensors(file)
+        except Exception as err:
+            raise NotACheckpointError(
+                f"`{field}`={str(path)!r}: not a checkpoint: {file} does not load ({err})."
+            ) from err
     file = readable_checkpoint(path, field)
     loaded = torch.load(file, map_location="cpu", weights_only=True)
     state = loaded.get("state_dict", loaded) if isinstance(loaded, Mapping) else None
@@ -178,3 +194,18 @@ def read_state_dict(path: str | Path, field: str = "init_from") -> dict[str, tor
             "with a `state_dict`, or a state_dict of tensors)."
         )
     return {str(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """One ``model.safetensors``, or every shard an index names."""
+    import json
+
+    from safetensors.torch import load_file
+
+    if file.suffix == ".json":
+        shards = sorted(set(json.loads(file.read_text())["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(load_file(str(file.parent / shard)))
+        return state
+    return load_file(str(file))

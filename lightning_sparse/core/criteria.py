@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_sparse.core.batch import model_inputs, to_device
+from lightning_sparse.core.layers import Layout, kind_of, type_name
 from lightning_sparse.core.masks import MaskType, compute_masks
 
 __all__ = [
@@ -97,12 +98,20 @@ def _conv_square_sums(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, 
     return sums.reshape(channels, *kernel), count
 
 
-def _expand_to_weight(layer: nn.Module, rms: torch.Tensor) -> torch.Tensor:
-    """Per-input-element norms broadcast to the weight's shape ``[out, in / groups, *kernel]``."""
-    weight = layer.weight
-    assert isinstance(weight, torch.Tensor)
-    if isinstance(layer, nn.Linear):
-        return rms.reshape(1, -1).expand_as(weight)
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _expand_to_weight(layer: nn.Module, weight: torch.Tensor, rms: torch.Tensor) -> torch.Tensor:
+    """Per-input-element norms broadcast to the weight's shape.
+
+    Conv: ``[out, in / groups, *kernel]``; other kinds: along the kind's input dimension.
+    """
+    if not isinstance(layer, _CONV_TYPES):
+        kind = kind_of(layer)
+        input_dim = kind.input_dim if kind is not None else 1
+        shape = [1] * weight.dim()
+        shape[input_dim] = -1
+        return rms.reshape(shape).expand_as(weight)
     groups = int(getattr(layer, "groups", 1))
     per_group = rms.reshape(groups, rms.shape[0] // groups, *rms.shape[1:])
     return per_group.repeat_interleave(weight.shape[0] // groups, dim=0)
@@ -119,7 +128,8 @@ def input_rms(
 
     Args:
         model: the model; called as ``model(inputs)``.
-        names: weights (as in ``model.named_parameters()``) of Conv/Linear layers.
+        names: weights (as in ``model.named_parameters()``) of layers of a known kind (Conv,
+            Linear, Conv1D, registered types) whose input is a float tensor.
         batches: calibration batches; the model input of each is
             :func:`~lightning_sparse.core.batch.model_inputs`.
         max_batches: use at most this many batches (None: all).
@@ -128,7 +138,8 @@ def input_rms(
         ``{name: tensor shaped like the weight}``, in float32 on the weight's device.
 
     Raises:
-        ValueError: no batch was seen (an empty calibration set), or a layer never ran.
+        ValueError: no batch was seen (an empty calibration set), a layer never ran, or a
+            layer's input is not float features (an embedding's token ids).
     """
     names = list(names)
     params = dict(model.named_parameters())
@@ -140,10 +151,24 @@ def input_rms(
 
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0]
-            if isinstance(layer, nn.Linear):
-                sums[name].add(*_linear_square_sums(x))
-            else:
+            if isinstance(layer, _CONV_TYPES):
                 sums[name].add(*_conv_square_sums(layer, x))
+                return
+            kind = kind_of(layer)
+            weight = params[name]
+            features = weight.shape[kind.input_dim] if kind is not None else None
+            if (
+                not isinstance(x, torch.Tensor)
+                or not x.is_floating_point()
+                or x.shape[-1] != features
+            ):
+                got = f"{x.dtype} {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x)
+                raise ValueError(
+                    f"`{name}` ({type_name(type(layer))}): Wanda needs the float features the "
+                    f"weight multiplies ({features} in the last dimension), but the layer got "
+                    f"{got} (an embedding's token ids?); leave it out of `params`."
+                )
+            sums[name].add(*_linear_square_sums(x))
 
         return hook
 
@@ -177,7 +202,9 @@ def input_rms(
                 "the model's forward; leave it out of `params`."
             )
         rms = (entry.sums / entry.count).sqrt()
-        result[name] = _expand_to_weight(layers[name], rms).to(params[name].device, torch.float32)
+        result[name] = _expand_to_weight(layers[name], params[name], rms).to(
+            params[name].device, torch.float32
+        )
     return result
 
 
@@ -216,6 +243,7 @@ def criterion_masks(
     sparsity: float,
     mask_type: MaskType,
     global_sparsity: bool = False,
+    layouts: Mapping[str, Layout] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Keep-masks pruning the lowest-scored weights (groups) to ``sparsity`` fraction of zeros.
 
@@ -225,4 +253,4 @@ def criterion_masks(
     negative = [name for name, score in scores.items() if bool((score < 0).any())]
     if negative:
         raise ValueError(f"Scores must be non-negative; {negative[0]!r} has negative entries.")
-    return compute_masks(scores, sparsity, mask_type, global_sparsity)
+    return compute_masks(scores, sparsity, mask_type, global_sparsity, layouts)

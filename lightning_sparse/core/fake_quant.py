@@ -8,7 +8,9 @@ Here instead:
 
 - **Fake quantization** uses ``torch.fake_quantize_per_channel_affine`` (weights) and
   ``torch.fake_quantize_per_tensor_affine`` (layer inputs) inside a forward that is installed once
-  on each quantized Conv/Linear. Parameters keep their names and types; the observers' state lives
+  on each quantized layer (Conv, Linear, Hugging Face's Conv1D, any quantizable kind registered in
+  :mod:`lightning_sparse.core.layers`, whose output dimension carries the per-channel scales).
+  Parameters keep their names and types; the observers' state lives
   in a :class:`LayerQuantizer` outside the model, so the model's ``state_dict`` is unchanged and the
   owner (a callback) saves the state in plain tensors.
 - **ONNX**: ``torch.onnx.export(dynamo=True)`` writes the float graph; :func:`quantize_onnx` then
@@ -32,10 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_sparse.core.layers import LayerKind, kind_of, type_name
+
 __all__ = [
     "ACTIVATION_QRANGE",
     "EMA_CONSTANT",
-    "QUANTIZABLE_TYPES",
     "STATE_FORMAT",
     "SUPPORTED_BITS",
     "LayerQuantizer",
@@ -44,11 +47,12 @@ __all__ = [
     "QuantizedModel",
     "check_state",
     "install",
+    "is_quantizable",
     "quantized_layers",
     "restore",
 ]
 
-QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 SUPPORTED_BITS = (4, 8)
 # Layer inputs are uint8 (per tensor, affine): ONNX Runtime's x86 int8 kernels are u8s8.
 ACTIVATION_QRANGE = (0, 255)
@@ -72,7 +76,8 @@ class QuantSpec:
         num_bits: bits per weight, 8 or 4 (4-bit values are stored in int8 in ONNX).
         symmetric: zero point 0 and range ``[-(2^(b-1) - 1), 2^(b-1) - 1]``; else affine over
             ``[-2^(b-1), 2^(b-1) - 1]`` with a per-channel (or per-tensor) zero point.
-        per_channel: one scale per output channel (dim 0); else one per weight tensor.
+        per_channel: one scale per output channel (the layer kind's output dimension: 0 for
+            Conv/Linear, 1 for Conv1D); else one per weight tensor.
     """
 
     num_bits: int = 8
@@ -124,24 +129,36 @@ def _affine_qparams(
     return scale.to(torch.float32), zero_point
 
 
+def is_quantizable(module: nn.Module) -> bool:
+    """Whether QAT/PTQ can quantize ``module``: a layer kind that says so, with its weight."""
+    kind = kind_of(module)
+    return kind is not None and kind.quantizable
+
+
 class LayerQuantizer:
-    """Quantization state of one Conv/Linear layer: weight scales and an input range observer.
+    """Quantization state of one layer: weight scales and an input range observer.
 
     Not an ``nn.Module``: nothing here enters the model's ``state_dict``. Tensors follow the layer
     to its device on first use.
 
     Args:
-        module: the Conv/Linear layer.
+        module: the layer, of a quantizable kind (:func:`is_quantizable`).
         spec: how its weight is quantized.
         controls: the phase switches of the model it belongs to.
     """
 
     def __init__(self, module: nn.Module, spec: QuantSpec, controls: _Controls) -> None:
+        kind = kind_of(module)
+        if kind is None:
+            raise QuantizationError(f"{type_name(type(module))} is not a known layer kind.")
         self.module = module
+        self.kind: LayerKind = kind
+        # Per-channel scales run along the output dimension of the weight.
+        self.axis = kind.output_dim
         self.spec = spec
         self.controls = controls
         weight = self.weight
-        channels = int(weight.shape[0]) if spec.per_channel else 1
+        channels = int(weight.shape[self.axis]) if spec.per_channel else 1
         self.weight_scale = torch.ones(channels, dtype=torch.float32, device=weight.device)
         self.weight_zero_point = torch.zeros(channels, dtype=torch.int32, device=weight.device)
         self.weight_observed = False
@@ -152,7 +169,7 @@ class LayerQuantizer:
     @property
     def weight(self) -> torch.Tensor:
         """The layer's weight parameter."""
-        weight = self.module.weight
+        weight = getattr(self.module, self.kind.weight)
         assert isinstance(weight, torch.Tensor)
         return weight
 
@@ -167,7 +184,7 @@ class LayerQuantizer:
     def observe_weight(self, weight: torch.Tensor) -> None:
         """Set the weight scales from the weight as it is now (min/max per channel or tensor)."""
         self._follow(weight.device)
-        flat = weight.detach().reshape(weight.shape[0], -1).float()
+        flat = weight.detach().movedim(self.axis, 0).reshape(weight.shape[self.axis], -1).float()
         if not self.spec.per_channel:
             flat = flat.reshape(1, -1)
         qmin, qmax = self.spec.weight_qrange
@@ -186,7 +203,7 @@ class LayerQuantizer:
         qmin, qmax = self.spec.weight_qrange
         if self.spec.per_channel:
             return torch.fake_quantize_per_channel_affine(
-                weight, self.weight_scale, self.weight_zero_point, 0, qmin, qmax
+                weight, self.weight_scale, self.weight_zero_point, self.axis, qmin, qmax
             )
         return torch.fake_quantize_per_tensor_affine(
             weight, self.weight_scale, self.weight_zero_point, qmin, qmax
@@ -231,7 +248,8 @@ class LayerQuantizer:
         """The weight as the integers fake quantization uses (int8 storage, also for 4 bits)."""
         weight = self.weight.detach()
         fake = self.quantize_weight(weight)
-        shape = (-1,) + (1,) * (weight.dim() - 1)
+        shape = [1] * weight.dim()
+        shape[self.axis] = -1
         scale = self.weight_scale.reshape(shape)
         zero_point = self.weight_zero_point.reshape(shape)
         # Dividing the fake-quantized value by its own scale recovers the integer exactly.
@@ -276,22 +294,35 @@ class _QuantForward:
     def __init__(self, quantizer: LayerQuantizer, name: str) -> None:
         self.quantizer = quantizer
         self.name = name
+        # Set while the layer's own forward runs with the fake-quantized weight swapped in.
+        self._inside = False
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         quantizer = self.quantizer
         module = quantizer.module
         controls = quantizer.controls
+        if self._inside:
+            return type(module).forward(module, x, *args, **kwargs)
         if controls.observe and (module.training or controls.calibrating):
             quantizer.observe_input(x, moving_average=not controls.calibrating)
             quantizer.observe_weight(quantizer.weight)
         if not controls.fake_quant:
-            return type(module).forward(module, x)
+            return type(module).forward(module, x, *args, **kwargs)
         x = quantizer.quantize_input(x, self.name)
         weight = quantizer.quantize_weight(quantizer.weight)
-        if isinstance(module, nn.Linear):
+        if type(module) is nn.Linear:
             return F.linear(x, weight, module.bias)
-        conv_forward: Callable[..., torch.Tensor] = module._conv_forward  # type: ignore[assignment]
-        return conv_forward(x, weight, module.bias)
+        if isinstance(module, _CONV_TYPES):
+            return module._conv_forward(x, weight, module.bias)
+        # Any other kind (Hugging Face's Conv1D, a registered type): its own forward, with the
+        # fake-quantized tensor in place of the weight parameter for this call.
+        self._inside = True
+        try:
+            return torch.func.functional_call(
+                module, {quantizer.kind.weight: weight}, (x, *args), kwargs
+            )
+        finally:
+            self._inside = False
 
 
 def _quant_forward(module: nn.Module) -> _QuantForward | None:
@@ -439,15 +470,20 @@ def install(model: nn.Module, names: Sequence[str], spec: QuantSpec) -> Quantize
     """Quantize the layers ``names`` of ``model`` (off until :meth:`QuantizedModel.set_phase`).
 
     Raises:
-        QuantizationError: a name is not a Conv/Linear layer of ``model``, or is quantized already.
+        QuantizationError: a name is not a quantizable layer of ``model`` (Conv, Linear, Conv1D,
+            a registered quantizable kind), or is quantized already.
     """
     modules = dict(model.named_modules())
     controls = _Controls()
     layers: dict[str, LayerQuantizer] = {}
     for name in names:
         module = modules.get(name)
-        if not isinstance(module, QUANTIZABLE_TYPES):
-            raise QuantizationError(f"{name!r} is not a Conv1d/2d/3d or Linear layer of the model.")
+        if module is None or not is_quantizable(module):
+            what = "no layer" if module is None else type_name(type(module))
+            raise QuantizationError(
+                f"{name!r} ({what}) is not a quantizable layer of the model (Conv1d/2d/3d, Linear, "
+                "Conv1D, or a type registered with `register_layer_kind(..., quantizable=True)`)."
+            )
         if _quant_forward(module) is not None:
             raise QuantizationError(
                 f"layer {name!r} is quantized already (by another QAT instance or PTQ); "

@@ -11,8 +11,11 @@ Scores are weight magnitudes. Every structure works on groups of weights:
   sparse tensor cores run. Below that sparsity the smallest of each group's ``M-N`` candidates
   go first.
 
-For Conv weights the input dimension is the channel dimension (dim 1), grouped at each kernel
-position, which is how channels-last implicit GEMM lays out the reduction dimension.
+Which dimension is the input and which the output comes from the layer's kind
+(:mod:`lightning_sparse.core.layers`), passed in as ``layouts``: ``[out, in]`` for Linear (the
+default), ``[in, out]`` for Hugging Face's Conv1D. For Conv weights the input dimension is the
+channel dimension (dim 1), grouped at each kernel position, which is how channels-last implicit
+GEMM lays out the reduction dimension.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+
+from lightning_sparse.core.layers import Layout
 
 __all__ = ["MaskType", "compute_masks", "mask_sparsity", "parse_mask_type"]
 
@@ -74,13 +79,19 @@ def parse_mask_type(mask_type: str, field: str = "mask_type") -> MaskType:
     raise ValueError(f"`{field}`={mask_type!r} is not a mask type; allowed: {ALLOWED_MASK_TYPES}.")
 
 
-def check_compatible(name: str, shape: torch.Size, mask_type: MaskType) -> None:
+_DEFAULT_LAYOUT = Layout()
+
+
+def check_compatible(
+    name: str, shape: torch.Size, mask_type: MaskType, layout: Layout = _DEFAULT_LAYOUT
+) -> None:
     """Raise ``ValueError`` when ``mask_type``'s groups do not tile the weight ``name``."""
     size = mask_type.group_size_along_input
     if size == 1:
         return
-    if len(shape) < 2 or shape[1] % size:
-        in_dim = shape[1] if len(shape) >= 2 else "none"
+    dim = layout.input_dim
+    if len(shape) < 2 or len(shape) <= dim or shape[dim] % size:
+        in_dim = shape[dim] if len(shape) > dim else "none"
         raise ValueError(
             f"`mask_type`={str(mask_type)!r} groups {size} weights along the input dimension, "
             f"but `{name}` has input dimension {in_dim} (shape {list(shape)}), not divisible by "
@@ -197,25 +208,57 @@ def _nm_masks(
     return masks
 
 
+def _canonical(weight: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """The weight viewed as ``[out, in, *rest]``."""
+    if layout == _DEFAULT_LAYOUT:
+        return weight
+    return weight.movedim((layout.output_dim, layout.input_dim), (0, 1))
+
+
+def _from_canonical(mask: torch.Tensor, layout: Layout) -> torch.Tensor:
+    if layout == _DEFAULT_LAYOUT:
+        return mask
+    return mask.movedim((0, 1), (layout.output_dim, layout.input_dim)).contiguous()
+
+
 def compute_masks(
     weights: Mapping[str, torch.Tensor],
     sparsity: float,
     mask_type: MaskType,
     global_sparsity: bool = False,
+    layouts: Mapping[str, Layout] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Keep-masks that prune the lowest-magnitude groups to ``sparsity`` (fraction of zeros).
 
     Per layer (``global_sparsity=False``) every weight gets ``sparsity`` within one group;
     globally, one threshold over all weights reaches ``sparsity`` of their total.
+
+    Args:
+        weights: ``{name: weight}`` (or scores shaped like the weights).
+        sparsity: fraction of zeros.
+        mask_type: the structure.
+        global_sparsity: one threshold over all weights.
+        layouts: each weight's input/output dimensions (:func:`lightning_sparse.core.targets.
+            weight_layouts`); a weight missing here is ``[out, in, ...]``.
     """
     if not weights:
         return {}
+    layouts = layouts or {}
     for name, weight in weights.items():
-        check_compatible(name, weight.shape, mask_type)
+        check_compatible(name, weight.shape, mask_type, layouts.get(name, _DEFAULT_LAYOUT))
     sparsity = min(max(float(sparsity), 0.0), mask_type.max_sparsity)
+    canonical = {
+        name: _canonical(weight, layouts.get(name, _DEFAULT_LAYOUT))
+        for name, weight in weights.items()
+    }
     if mask_type.kind == "nm":
-        return _nm_masks(weights, sparsity, mask_type, global_sparsity)
-    return _grouped_masks(weights, sparsity, mask_type, global_sparsity)
+        masks = _nm_masks(canonical, sparsity, mask_type, global_sparsity)
+    else:
+        masks = _grouped_masks(canonical, sparsity, mask_type, global_sparsity)
+    return {
+        name: _from_canonical(mask, layouts.get(name, _DEFAULT_LAYOUT))
+        for name, mask in masks.items()
+    }
 
 
 def mask_sparsity(tensor: torch.Tensor) -> float:

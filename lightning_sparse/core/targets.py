@@ -1,8 +1,10 @@
 """Which parameters a technique touches.
 
 ``params`` entries are exact parameter names, ``re:`` regular expressions matched from the start of
-the name (as SparseML does), or ``__ALL_PRUNABLE__`` (every Conv/Linear weight). Only weights of
-prunable layers are candidates, so a broad regex never catches a bias or a norm's scale.
+the name (as SparseML does), or ``__ALL_PRUNABLE__`` (the weight of every layer whose kind says so:
+Conv, Linear, Hugging Face's Conv1D, any type a user registered). Only weights of known layer kinds
+(:mod:`lightning_sparse.core.layers`) are candidates, so a broad regex never catches a bias or a
+norm's scale. Embeddings are candidates by name or pattern, never through ``__ALL_PRUNABLE__``.
 """
 
 from __future__ import annotations
@@ -12,26 +14,87 @@ from collections.abc import Iterable, Sequence
 
 from torch import nn
 
-__all__ = ["ALL_PRUNABLE", "PRUNABLE_TYPES", "prunable_parameters", "resolve_params"]
+from lightning_sparse.core.layers import Layout, layer_weights, unknown_layer_weights
+
+__all__ = [
+    "ALL_PRUNABLE",
+    "prunable_parameters",
+    "resolve_params",
+    "unknown_layer_weights",
+    "unknown_weights_note",
+    "weight_layouts",
+]
 
 ALL_PRUNABLE = "__ALL_PRUNABLE__"
-PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_REGISTER_HINT = (
+    "Register the type once with `lightning_sparse.register_layer_kind(<type>, weight='weight', "
+    "input_dim=..., output_dim=...)` (which dimension of its weight multiplies the input and "
+    "which makes the output)"
+)
 
 
-def prunable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """All weights of Conv/Linear layers, by their name in ``model.named_parameters()``."""
+def prunable_parameters(model: nn.Module, named: bool = False) -> dict[str, nn.Parameter]:
+    """Weights of known layer kinds, by their name in ``model.named_parameters()``.
+
+    Args:
+        model: the model.
+        named: also include kinds that are prunable only when named (embeddings); by default only
+            the ``__ALL_PRUNABLE__`` ones.
+    """
     found: dict[str, nn.Parameter] = {}
-    for module_name, module in model.named_modules():
-        if isinstance(module, PRUNABLE_TYPES) and isinstance(module.weight, nn.Parameter):
-            name = f"{module_name}.weight" if module_name else "weight"
-            found[name] = module.weight
+    for name, module, kind in layer_weights(model):
+        if kind.all_prunable or named:
+            found[name] = module._parameters[kind.weight]  # type: ignore[assignment]
     return found
+
+
+def weight_layouts(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, Layout]:
+    """The layout (input and output dimension) of each named weight of a known layer kind."""
+    layouts = {name: kind.layout for name, _, kind in layer_weights(model)}
+    return layouts if names is None else {name: layouts[name] for name in names}
+
+
+def unknown_weights_note(model: nn.Module) -> str | None:
+    """Which 2-D+ weights ``__ALL_PRUNABLE__`` leaves dense (unknown layer types), or None."""
+    unknown = unknown_layer_weights(model)
+    if not unknown:
+        return None
+    types = sorted(set(unknown.values()))
+    return (
+        f"{ALL_PRUNABLE} leaves {len(unknown)} weights dense whose layer types lightning_sparse "
+        f"does not know: {_preview(unknown)} ({', '.join(types)}). {_REGISTER_HINT} to prune them."
+    )
 
 
 def _preview(names: Iterable[str], limit: int = 20) -> str:
     names = list(names)
     shown = ", ".join(names[:limit])
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _no_match(
+    model: nn.Module, field: str, entry: str, pattern: re.Pattern[str] | None
+) -> ValueError:
+    candidates = prunable_parameters(model, named=True)
+    unknown = unknown_layer_weights(model)
+    if entry == ALL_PRUNABLE:
+        hits = unknown
+    elif pattern is not None:
+        hits = {name: kind for name, kind in unknown.items() if pattern.match(name)}
+    else:
+        hits = {entry: unknown[entry]} if entry in unknown else {}
+    if hits:
+        types = sorted(set(hits.values()))
+        return ValueError(
+            f"`{field}` entry {entry!r} matches only weights of layer types lightning_sparse does "
+            f"not know: {_preview(hits)} (type{'s' if len(types) > 1 else ''} "
+            f"{', '.join(types)}). {_REGISTER_HINT}; then it prunes them."
+        )
+    return ValueError(
+        f"`{field}` entry {entry!r} matches no prunable weight (Conv/Linear/Conv1D, embeddings "
+        f"by name, registered layer kinds). Candidates: "
+        f"{_preview(candidates) or 'none: the model has no layer of a known kind'}."
+    )
 
 
 def resolve_params(
@@ -41,18 +104,20 @@ def resolve_params(
 
     Raises:
         ValueError: an entry matches no prunable weight, or an ``re:`` pattern does not compile.
-            The message names ``field``, the entry and the candidates.
+            The message names ``field``, the entry and the candidates, or, when the entry
+            matches only weights of unknown layer types, those types and how to register them.
     """
     entries = [params] if isinstance(params, str) else list(params)
-    candidates = prunable_parameters(model)
+    candidates = prunable_parameters(model, named=True)
     if not entries:
         raise ValueError(
             f"`{field}` is empty; give parameter names, `re:` patterns or {ALL_PRUNABLE}."
         )
     chosen: dict[str, nn.Parameter] = {}
     for entry in entries:
+        pattern = None
         if entry == ALL_PRUNABLE:
-            matches = list(candidates)
+            matches = list(prunable_parameters(model))
         elif entry.startswith("re:"):
             try:
                 pattern = re.compile(entry[3:])
@@ -62,10 +127,7 @@ def resolve_params(
         else:
             matches = [entry] if entry in candidates else []
         if not matches:
-            raise ValueError(
-                f"`{field}` entry {entry!r} matches no prunable weight (Conv/Linear). "
-                f"Candidates: {_preview(candidates) or 'none: the model has no Conv/Linear layer'}."
-            )
+            raise _no_match(model, field, entry, pattern)
         for name in matches:
             chosen.setdefault(name, candidates[name])
     return chosen

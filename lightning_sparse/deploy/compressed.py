@@ -16,6 +16,7 @@ from typing_extensions import override
 
 from lightning_sparse.core.checkpoint import check_state_dict
 from lightning_sparse.core.fake_quant import STATE_FORMAT, LayerQuantizer, quantized_layers, restore
+from lightning_sparse.core.layers import kind_of
 
 COMPRESSED_FILE = "compressed.safetensors"
 COMPRESSED_FORMAT = "lightning_sparse.compressed"
@@ -227,11 +228,14 @@ class QuantizedCodec(Codec):
         self, key: str, tensor: torch.Tensor, context: EncodeContext, pools: _Pools
     ) -> dict[str, Any]:
         quantizer = context.quantized[key]
-        values = quantizer.integer_weight().numpy().reshape(-1)
+        # Stored with the channel axis first (Conv1D keeps its outputs on axis 1).
+        values = quantizer.integer_weight().movedim(quantizer.axis, 0).numpy().reshape(-1)
         zero_point = quantizer.weight_zero_point.cpu().numpy().astype(np.int8)
         nonzero = values != np.repeat(zero_point, values.size // zero_point.size)
         bits = quantizer.spec.num_bits
         entry: dict[str, Any] = {"b": bits}
+        if quantizer.axis:
+            entry["ax"] = quantizer.axis
         entry["sc"] = pools.add("f32", quantizer.weight_scale.cpu().numpy())
         if not quantizer.spec.symmetric:
             entry["zp"] = pools.add("i8", zero_point)
@@ -262,12 +266,14 @@ class QuantizedCodec(Codec):
             dense[mask] = values[: int(mask.sum())]
             values = dense
         scale = torch.from_numpy(scale_values.copy())
-        ints = torch.from_numpy(values.astype(np.int32)).reshape(shape)
+        axis = int(entry.get("ax", 0))
+        channels_first = [shape[axis], *(d for i, d in enumerate(shape) if i != axis)]
+        ints = torch.from_numpy(values.astype(np.int32)).reshape(channels_first)
         column = (-1,) + (1,) * (len(shape) - 1)
         zp = torch.from_numpy(zero_point.copy()).reshape(column)
         # Same arithmetic as the fake-quant kernels: float(q - zero_point) * scale.
         weight = (ints - zp).to(torch.float32) * scale.reshape(column)
-        return weight.to(_dtype(entry))
+        return weight.movedim(0, axis).contiguous().to(_dtype(entry))
 
 
 # Registration order is the order of preference, latest first: a quantized weight is "q" before
@@ -296,7 +302,7 @@ def save_compressed(module: nn.Module, path: str | Path) -> int:
 
     context = EncodeContext(
         quantized={
-            f"{name}.weight": q
+            f"{name}.{q.kind.weight}": q
             for name, q in quantized_layers(module).items()
             if q.controls.fake_quant
         }
@@ -318,7 +324,7 @@ def save_compressed(module: nn.Module, path: str | Path) -> int:
     for name, quantizer in context.quantized.items():
         spec = quantizer.spec.to_dict()
         group = groups.setdefault(json.dumps(spec, sort_keys=True), {"spec": spec, "layers": []})
-        group["layers"].append(name.removesuffix(".weight"))
+        group["layers"].append(name.removesuffix(f".{quantizer.kind.weight}"))
         bounds = torch.stack([quantizer.input_min.cpu(), quantizer.input_max.cpu()]).numpy()
         start = pools.add("f32", bounds)[0]
         group.setdefault("r", start)
@@ -388,7 +394,8 @@ def _restore_compressed_quantization(
 ) -> None:
     layers: dict[str, dict[str, Any]] = {}
     for position, name in enumerate(group["layers"]):
-        entry = index[f"{name}.weight"]
+        kind = kind_of(module.get_submodule(name))
+        entry = index[f"{name}.{kind.weight if kind is not None else 'weight'}"]
         scale = torch.from_numpy(_read(pools, "f32", entry["sc"]).copy())
         if "zp" in entry:
             zero_point = torch.from_numpy(_read(pools, "i8", entry["zp"]).astype(np.int32))

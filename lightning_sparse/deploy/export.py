@@ -11,7 +11,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +19,18 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from lightning_sparse.core.fake_quant import LayerQuantizer, quantized_layers
 from lightning_sparse.deploy.compressed import COMPRESSED_FILE, dense_bytes, save_compressed
-from lightning_sparse.deploy.onnx_int8 import export_onnx, onnx_layer_quant, quantize_onnx
+from lightning_sparse.deploy.onnx_int8 import (
+    ExportError,
+    call_model,
+    export_onnx,
+    flatten_inputs,
+    onnx_layer_quant,
+    quantize_onnx,
+)
 from lightning_sparse.deploy.ort import OrtModel, interleaved_latency_ms
 
 log = logging.getLogger(__name__)
@@ -32,6 +40,7 @@ INT8_FILE = "model_int8.onnx"
 EXPORT_SUMMARY_FILE = "export.json"
 
 __all__ = [
+    "ExportError",
     "export_model",
 ]
 
@@ -94,41 +103,72 @@ def _float_mode(module: nn.Module) -> Iterator[None]:
             c.fake_quant, c.observe = saved[key]
 
 
-# What export_model measures on: a data module (its test split), any iterable of batches (a
-# DataLoader), or one example input tensor (no accuracy then).
-ExportData = pl.LightningDataModule | Iterable[Any] | torch.Tensor
+ExportData = Any  # a LightningDataModule, a DataLoader, or one model input
 
 
-def _batches(data: ExportData) -> Iterator[tuple[torch.Tensor, Any]]:
-    """``(inputs, labels or None)`` of each test batch of ``data``."""
-    if isinstance(data, torch.Tensor):
-        yield data, None
-        return
+def _split(batch: Any) -> tuple[Any, Any]:
+    """``(inputs, labels)`` of a batch; a batch that is not a list or tuple is all inputs."""
+    if isinstance(batch, (list, tuple)):
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    return batch, None
+
+
+def _batches(data: ExportData) -> Iterator[tuple[Any, Any]]:
+    """``(inputs, labels or None)`` of every evaluation batch: the DataModule's test split, the
+    DataLoader's batches, or the one example input (unlabelled)."""
     if isinstance(data, pl.LightningDataModule):
         data.setup("test")
-        batches: Iterable[Any] = data.test_dataloader()
+        loader: Any = data.test_dataloader()
+    elif isinstance(data, DataLoader):
+        loader = data
     else:
-        batches = data
-    for batch in batches:
-        if isinstance(batch, (list, tuple)):
-            yield batch[0], (batch[1] if len(batch) > 1 else None)
-        elif isinstance(batch, Mapping):
-            yield next(iter(batch.values())), batch.get("label", batch.get("labels"))
-        else:
-            yield batch, None
+        yield data, None
+        return
+    for batch in loader:
+        yield _split(batch)
 
 
-def _latency_batch(data: ExportData, size: int) -> np.ndarray:
-    inputs: list[torch.Tensor] = []
+def _map(inputs: Any, fn: Any) -> Any:
+    """``fn`` applied to every tensor of a (nested) model input."""
+    if isinstance(inputs, torch.Tensor):
+        return fn(inputs)
+    if isinstance(inputs, Mapping):
+        return {key: _map(value, fn) for key, value in inputs.items()}
+    if isinstance(inputs, (list, tuple)):
+        return type(inputs)(_map(value, fn) for value in inputs)
+    return inputs
+
+
+def _size(inputs: Any) -> int:
+    _, leaves = flatten_inputs(inputs)
+    return len(leaves[0][1])
+
+
+def _numpy_inputs(inputs: Any) -> dict[str, np.ndarray]:
+    _, leaves = flatten_inputs(inputs)
+    return {name: tensor.numpy() for name, tensor in leaves}
+
+
+def _latency_inputs(data: ExportData, size: int) -> dict[str, np.ndarray]:
+    """``size`` samples (test samples repeated as needed), as the ONNX graph's named inputs."""
+    parts: list[dict[str, np.ndarray]] = []
     count = 0
-    for x, _ in _batches(data):
-        inputs.append(x)
-        count += len(x)
+    for inputs, _ in _batches(data):
+        arrays = _numpy_inputs(inputs)
+        if parts and any(arrays[k].shape[1:] != parts[0][k].shape[1:] for k in arrays):
+            break  # batches padded to other lengths: time the ones that stack
+        parts.append(arrays)
+        count += _size(inputs)
         if count >= size:
             break
-    batch = torch.cat(inputs)
-    repeats = math.ceil(size / len(batch))
-    return batch.repeat(repeats, *([1] * (batch.dim() - 1)))[:size].float().numpy()
+    joined = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    repeats = math.ceil(size / len(next(iter(joined.values()))))
+    return {name: np.concatenate([array] * repeats)[:size] for name, array in joined.items()}
+
+
+def _counted(labels: torch.Tensor) -> torch.Tensor:
+    """Positions that count: all, but for labels marked ignored (-100, token padding)."""
+    return labels != -100
 
 
 def export_model(
@@ -144,14 +184,16 @@ def export_model(
 
     Evaluates both ONNX models with ONNX Runtime on ``data`` and times them side by side.
     ``module`` is used on the CPU in eval mode and given back as it was (device, mode,
-    quantization phase).
+    quantization phase). The model's input is kept as the data give it: int64 token ids stay
+    int64, and a dict input (``{input_ids, attention_mask}``) becomes named graph inputs; the batch
+    axis (and the sequence axis of integer inputs) is dynamic.
 
     Args:
-        module: the trained model; its forward takes the first element of a batch.
-        data: what to export, check and time with: a ``LightningDataModule`` (its test split), a
-            ``DataLoader`` or any iterable of batches (``(inputs, labels)``, a dict, or inputs
-            alone; without labels no accuracy), or one example input tensor (a batch: it fixes
-            the input shape; accuracies are None).
+        module: the trained model; its forward takes the first element of a test batch.
+        data: a ``LightningDataModule`` (its test split), a ``DataLoader`` (``(inputs, labels)``
+            batches, labels optional), or one model input (a tensor or a dict of tensors: no
+            accuracy, latency on it repeated to ``batch_size``). Per-token labels of ``-100``
+            (padding) do not count.
         out_dir: the export directory (replaced as a whole), e.g. ``<run dir>/export``.
         batch_size: batch of the latency measurement.
         latency_runs: timed runs per model (after a warm-up).
@@ -167,7 +209,8 @@ def export_model(
 
     Raises:
         ValueError: ``batch_size`` or ``latency_runs`` < 1; a quantized layer was never
-            calibrated; ``data`` gives no batch.
+            calibrated.
+        ExportError: the model cannot be exported (the message names it and the reason).
 
     Example::
 
@@ -221,16 +264,19 @@ def _export(
 ) -> dict[str, Any]:
     import onnx
 
-    example = next(_batches(data))[0][:2].float()
-    if len(example) < 2:  # a batch of 1 would fix the exported batch dimension
-        example = example.repeat(2, *([1] * (example.dim() - 1)))
+    first = next(_batches(data), None)
+    if first is None:
+        raise ValueError("the export data gave no batch; give a test split with samples.")
+    example = _map(first[0], lambda t: t[:2])
+    if _size(example) < 2:  # a batch of 1 would fix the exported batch dimension
+        example = _map(example, lambda t: t.repeat(2, *([1] * (t.dim() - 1))))
     with _float_mode(module), _quiet():
         fp32_proto, base = export_onnx(module, example)
     fp32_path = tmp / ONNX_FILE
     onnx.save(fp32_proto, str(fp32_path))
     int8_path: Path | None = None
     if layers:
-        numbers = {f"{name}.weight": onnx_layer_quant(q) for name, q in layers.items()}
+        numbers = {f"{name}.{q.kind.weight}": onnx_layer_quant(q) for name, q in layers.items()}
         int8_path = tmp / INT8_FILE
         onnx.save(quantize_onnx(base, numbers), str(int8_path))
 
@@ -241,23 +287,24 @@ def _export(
     agree, total, labelled = 0, 0, True
     max_diff = 0.0
     for x, y in _batches(data):
-        x = x.float()
-        inputs = x.numpy()
+        inputs = _numpy_inputs(x)
         with _float_mode(module):
-            reference = module(x).numpy()
+            reference = call_model(module, x).numpy()
         outputs = {name: session(inputs) for name, session in sessions.items()}
         max_diff = max(max_diff, float(np.abs(outputs["fp32"] - reference).max()))
+        counted = _counted(y).numpy() if y is not None else np.ones(reference.shape[:-1], bool)
         if "int8" in outputs:
-            quantized_reference = module(x).numpy()
-            agree += int((outputs["int8"].argmax(1) == quantized_reference.argmax(1)).sum())
+            quantized_reference = call_model(module, x).numpy()
+            same = outputs["int8"].argmax(-1) == quantized_reference.argmax(-1)
+            agree += int((same & counted).sum())
         if y is None:
             labelled = False
         else:
             labels = y.numpy()
             for name, logits in outputs.items():
-                correct[name] += int((logits.argmax(1) == labels).sum())
-        total += len(x)
-    latency = interleaved_latency_ms(sessions, _latency_batch(data, batch_size), runs=latency_runs)
+                correct[name] += int(((logits.argmax(-1) == labels) & counted).sum())
+        total += int(counted.sum())
+    latency = interleaved_latency_ms(sessions, _latency_inputs(data, batch_size), runs=latency_runs)
     if max_diff > 1e-4:
         log.warning("model.onnx differs from PyTorch by up to %.3g (> 1e-4).", max_diff)
     compressed_path = tmp / COMPRESSED_FILE

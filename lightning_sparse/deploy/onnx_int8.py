@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,34 +17,181 @@ from lightning_sparse.core.fake_quant import LayerQuantizer, QuantizationError
 _INT32 = (-(2**31), 2**31 - 1)
 
 __all__ = [
+    "ExportError",
     "OnnxLayerQuant",
+    "call_model",
     "export_onnx",
+    "flatten_inputs",
+    "model_logits",
     "onnx_layer_quant",
     "quantize_onnx",
+    "rebuild_inputs",
 ]
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor) -> tuple[Any, Any]:
-    """Export ``model`` with a dynamic batch; return (optimized fp32 proto, unoptimized proto).
+class ExportError(RuntimeError):
+    """A model cannot be exported to ONNX; the message names the module and the reason."""
+
+
+_WRAPPER = "inner"
+
+
+class _NamedInputs(nn.Module):
+    """Calls ``inner`` with its input rebuilt from flat, named tensors (the ONNX graph's inputs)."""
+
+    def __init__(self, inner: nn.Module, structure: Any) -> None:
+        super().__init__()
+        self.inner = inner
+        self.structure = structure
+
+    def forward(self, *leaves: torch.Tensor) -> Any:
+        return call_model(self.inner, rebuild_inputs(self.structure, list(leaves)))
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """The model's logits for one input.
+
+    A dict whose keys all name parameters of ``model.forward`` (a Hugging Face model's
+    ``input_ids``, ``attention_mask``) is passed as keyword arguments; anything else as the one
+    positional argument (``ClassificationModule`` takes the dict itself).
+    """
+    if isinstance(inputs, Mapping) and inputs:
+        try:
+            parameters = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            parameters = {}  # type: ignore[assignment]
+        if all(str(key) in parameters for key in inputs):
+            return model_logits(model(**inputs))
+    return model_logits(model(inputs))
+
+
+def model_logits(output: Any) -> Any:
+    """A model's logits: its output, or the ``logits`` of a Hugging Face ``ModelOutput``."""
+    return getattr(output, "logits", output)
+
+
+def flatten_inputs(inputs: Any, prefix: str = "") -> tuple[Any, list[tuple[str, torch.Tensor]]]:
+    """A model input (a tensor, or dicts/lists/tuples of them) as named leaves and a structure.
+
+    A dict's keys name its tensors (``input_ids``, ``attention_mask``); a lone tensor is
+    ``input``; list and tuple items are numbered (``input_0``).
+
+    Raises:
+        ExportError: a leaf is not a tensor.
+    """
+    if isinstance(inputs, torch.Tensor):
+        return "tensor", [(prefix or "input", inputs)]
+    if isinstance(inputs, Mapping):
+        structure: dict[str, Any] = {}
+        leaves: list[tuple[str, torch.Tensor]] = []
+        for key, value in inputs.items():
+            sub, found = flatten_inputs(value, f"{prefix}_{key}" if prefix else str(key))
+            structure[str(key)] = sub
+            leaves += found
+        return structure, leaves
+    if isinstance(inputs, (list, tuple)):
+        items = [flatten_inputs(v, f"{prefix or 'input'}_{i}") for i, v in enumerate(inputs)]
+        return [s for s, _ in items], [leaf for _, found in items for leaf in found]
+    raise ExportError(
+        f"the model input holds a {type(inputs).__name__}; export takes tensors, or dicts, lists "
+        "and tuples of tensors."
+    )
+
+
+def rebuild_inputs(structure: Any, leaves: list[torch.Tensor]) -> Any:
+    """Inverse of :func:`flatten_inputs` (consumes ``leaves`` from the front)."""
+    if structure == "tensor":
+        return leaves.pop(0)
+    if isinstance(structure, dict):
+        return {key: rebuild_inputs(sub, leaves) for key, sub in structure.items()}
+    return [rebuild_inputs(sub, leaves) for sub in structure]
+
+
+def _dynamic_axes(tensor: torch.Tensor) -> dict[int, str]:
+    # Integer tensors of two or more dimensions are token ids and masks: [batch, sequence, ...].
+    axes = {0: "batch"}
+    if tensor.dim() >= 2 and not tensor.is_floating_point():
+        axes[1] = "sequence"
+    return axes
+
+
+def _rename_initializers(proto: Any, prefix: str) -> None:
+    """Drop ``prefix`` from every tensor name, so initializers keep their ``state_dict`` names."""
+
+    def strip(name: str) -> str:
+        return name[len(prefix) :] if name.startswith(prefix) else name
+
+    graph = proto.graph
+    for init in graph.initializer:
+        init.name = strip(init.name)
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            node.input[index] = strip(name)
+        for index, name in enumerate(node.output):
+            node.output[index] = strip(name)
+    for info in [*graph.input, *graph.output, *graph.value_info]:
+        info.name = strip(info.name)
+
+
+def export_onnx(model: nn.Module, example: Any) -> tuple[Any, Any]:
+    """Export ``model`` with dynamic axes; return (optimized fp32 proto, unoptimized proto).
+
+    ``example`` is one input of the model, kept as it is: int64 token ids stay int64, and each
+    tensor of a dict (``{input_ids, attention_mask}``) becomes a graph input of that name. Every
+    input's first axis is the dynamic ``batch``; integer inputs of two or more dimensions also get
+    a dynamic ``sequence`` on the second. The output is ``logits``.
 
     The unoptimized graph keeps every parameter as an initializer under its ``state_dict`` name
     and BatchNormalization as its own node, which :func:`quantize_onnx` relies on; the optimized
     one (constant folding, Conv-BN fusion by onnxscript) is the fp32 deliverable.
+
+    Raises:
+        ExportError: the exporter failed; the message names the module and the exporter's reason.
     """
-    # The dynamo exporter is the maintained one; the TorchScript exporter refuses int8 ranges
-    # such as [-127, 127] and is deprecated.
-    program = torch.onnx.export(
-        model,
-        (example,),
-        dynamo=True,
-        dynamic_shapes=({0: "batch"},),
-        optimize=False,
-        verbose=False,
-    )
+    structure, leaves = flatten_inputs(example)
+    wrapper = _NamedInputs(model, structure)
+    wrapper.train(model.training)
+    try:
+        # The dynamo exporter is the maintained one; the TorchScript exporter refuses int8 ranges
+        # such as [-127, 127] and is deprecated.
+        program = torch.onnx.export(
+            wrapper,
+            tuple(tensor for _, tensor in leaves),
+            dynamo=True,
+            # One entry for forward's *leaves: the axes of each leaf.
+            dynamic_shapes=(tuple(_dynamic_axes(tensor) for _, tensor in leaves),),
+            input_names=[name for name, _ in leaves],
+            output_names=["logits"],
+            optimize=False,
+            verbose=False,
+        )
+    except Exception as err:
+        raise ExportError(_export_failure(model, err)) from err
     assert program is not None
     base = program.model_proto
+    _rename_initializers(base, f"{_WRAPPER}.")
     program.optimize()
-    return program.model_proto, base
+    optimized = program.model_proto
+    _rename_initializers(optimized, f"{_WRAPPER}.")
+    return optimized, base
+
+
+def _export_failure(model: nn.Module, err: Exception) -> str:
+    cause: BaseException = err
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    reason = f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause) else ''}"
+    inner = getattr(model, "model", None)
+    backbone = (
+        f" (backbone {type(inner).__module__}.{type(inner).__qualname__})"
+        if isinstance(inner, nn.Module)
+        else ""
+    )
+    return (
+        f"cannot export {type(model).__module__}.{type(model).__qualname__}{backbone} to ONNX: "
+        f"{reason[:600]}. The exporter traces forward() with torch.export: data-dependent Python "
+        "control flow, non-tensor outputs and unsupported ops are the usual causes."
+    )
 
 
 @dataclass
@@ -57,6 +205,8 @@ class OnnxLayerQuant:
         input_scale: float32 scalar.
         input_zero_point: uint8 scalar.
         symmetric: weights have zero point 0.
+        axis: the weight's output dimension, along which the scales run (0: Conv/Linear,
+            1: Conv1D).
     """
 
     weight: np.ndarray
@@ -65,6 +215,7 @@ class OnnxLayerQuant:
     input_scale: np.ndarray
     input_zero_point: np.ndarray
     symmetric: bool
+    axis: int = 0
 
 
 def onnx_layer_quant(quantizer: LayerQuantizer) -> OnnxLayerQuant:
@@ -77,6 +228,7 @@ def onnx_layer_quant(quantizer: LayerQuantizer) -> OnnxLayerQuant:
         input_scale=np.asarray(scale.item(), dtype=np.float32),
         input_zero_point=np.asarray(int(zero_point.item()), dtype=np.uint8),
         symmetric=quantizer.spec.symmetric,
+        axis=quantizer.axis,
     )
 
 
@@ -87,7 +239,9 @@ def quantize_onnx(base: Any, layers: Mapping[str, OnnxLayerQuant]) -> Any:
     """A QDQ int8 copy of the unoptimized ``base`` graph, with ``layers``' learned scales.
 
     ``layers`` maps each quantized weight's parameter name (``model.fc1.weight``) to its numbers.
-    Every use of that weight then reads DequantizeLinear(int8, scale, zero point, axis=0); its
+    Every use of that weight then reads DequantizeLinear(int8, scale, zero point, axis=the
+    weight's output dimension: 0 for Conv/Linear, 1 for Conv1D's ``[in, out]``); a Linear's
+    ``Transpose -> MatMul`` reads the integers stored transposed instead; its
     Conv/Gemm/MatMul reads its data input through QuantizeLinear -> DequantizeLinear (uint8); a
     float bias becomes int32 with scale ``input_scale * weight_scale`` (what the integer kernels
     accumulate in). A BatchNormalization fed only by a quantized Conv is folded into it: each
@@ -139,10 +293,27 @@ def quantize_onnx(base: Any, layers: Mapping[str, OnnxLayerQuant]) -> Any:
             raise QuantizationError(f"{weight_name!r} feeds no Conv/Gemm/MatMul in the ONNX graph.")
         float_weight = numpy_helper.to_array(inits[weight_name])
         int_weight = quant.weight.astype(np.int8)
-        scale = np.broadcast_to(quant.weight_scale, (int_weight.shape[0],)).astype(np.float32)
+        axis = quant.axis
+        scale = np.broadcast_to(quant.weight_scale, (int_weight.shape[axis],)).astype(np.float32)
         zero_point = np.broadcast_to(quant.weight_zero_point, scale.shape).astype(np.int8)
+        # nn.Linear on a sequence exports as MatMul(x, Transpose(W)): store the integers
+        # transposed and let the MatMul read them directly (scales along the other axis), since
+        # ONNX Runtime fuses MatMul into an integer kernel only when a DequantizeLinear feeds it.
+        dequantized = weight_name
+        readers = consumers.get(weight_name, [])
+        transpose = readers[0] if len(readers) == 1 else None
+        if (
+            transpose is not None
+            and transpose.op_type == "Transpose"
+            and int_weight.ndim == 2
+            and all(n.op_type == "MatMul" for n in consumers.get(transpose.output[0], []))
+        ):
+            int_weight, float_weight = int_weight.T.copy(), float_weight.T.copy()
+            axis = 1 - axis
+            dequantized = transpose.output[0]
+            removed.add(id(transpose))
         bias_name: str | None = None
-        conv = users[0] if len(users) == 1 and users[0].input[1] == weight_name else None
+        conv = users[0] if len(users) == 1 and users[0].input[1] == dequantized else None
         if conv is not None and len(conv.input) > 2 and conv.input[2] in inits:
             bias_name = conv.input[2]
         bias = numpy_helper.to_array(inits[bias_name]) if bias_name else None
@@ -191,7 +362,7 @@ def quantize_onnx(base: Any, layers: Mapping[str, OnnxLayerQuant]) -> Any:
         add_init(scale, s_name)
         add_init(zero_point.astype(np.int8), z_name)
         front.append(
-            helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [weight_name], axis=0)
+            helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [dequantized], axis=axis)
         )
         for index, user in enumerate(users):
             source = user.input[0]

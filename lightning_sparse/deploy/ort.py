@@ -34,16 +34,18 @@ class OrtModel:
         if threads is not None:
             options.intra_op_num_threads = int(threads)
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
+        self.input_names = [graph_input.name for graph_input in self.session.get_inputs()]
+        self.input_name = self.input_names[0]
 
-    def __call__(self, inputs: np.ndarray) -> np.ndarray:
-        """Logits for a float32 batch."""
-        return np.asarray(self.session.run(None, {self.input_name: inputs})[0])
+    def __call__(self, inputs: np.ndarray | Mapping[str, np.ndarray]) -> np.ndarray:
+        """The first output (logits) for a batch: one array, or arrays by graph input name."""
+        feed = dict(inputs) if isinstance(inputs, Mapping) else {self.input_name: inputs}
+        return np.asarray(self.session.run(None, feed)[0])
 
 
 def interleaved_latency_ms(
-    models: Mapping[str, Callable[[np.ndarray], Any]],
-    inputs: np.ndarray,
+    models: Mapping[str, Callable[[Any], Any]],
+    inputs: Any,
     runs: int = 50,
     warmup: int = 5,
 ) -> dict[str, float]:

@@ -26,7 +26,12 @@ from lightning_sparse.core.criteria import (
     needs_calibration,
 )
 from lightning_sparse.core.masks import check_compatible, parse_mask_type
-from lightning_sparse.core.targets import ALL_PRUNABLE, resolve_params
+from lightning_sparse.core.targets import (
+    ALL_PRUNABLE,
+    resolve_params,
+    unknown_weights_note,
+    weight_layouts,
+)
 from lightning_sparse.module import CHECKPOINT_IN_RUN_DIR
 from lightning_sparse.posttrain.ptq import ptq_calibrate, ptq_check
 from lightning_sparse.run import report
@@ -177,8 +182,9 @@ class OneShotPruning(OneShotStep):
     @override
     def check(self, module: nn.Module) -> None:
         targets = resolve_params(module, self.params)
+        layouts = weight_layouts(module, targets)
         for name, param in targets.items():
-            check_compatible(name, param.shape, self._mask_type)
+            check_compatible(name, param.shape, self._mask_type, layouts[name])
         self._targets = list(targets)
 
     @override
@@ -186,9 +192,18 @@ class OneShotPruning(OneShotStep):
         targets = resolve_params(module, self.params)
         self._targets = list(targets)
         had = _zeros_fraction(targets.values())
+        note = unknown_weights_note(module) if ALL_PRUNABLE in self.params else None
+        if note:
+            log.warning("OneShotPruning: %s", note)
         batches = calibration[: self.calibration_batches] if self.calibration_batches else None
         scores = criterion_scores(module, targets, self.criterion, batches)
-        masks = criterion_masks(scores, self.sparsity, self._mask_type, self.global_sparsity)
+        masks = criterion_masks(
+            scores,
+            self.sparsity,
+            self._mask_type,
+            self.global_sparsity,
+            weight_layouts(module, targets),
+        )
         with torch.no_grad():
             for name, param in targets.items():
                 param.masked_fill_(~masks[name], 0.0)

@@ -33,7 +33,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_sparse.callbacks.base import MASKS, CompressionCallback
-from lightning_sparse.core.targets import prunable_parameters
+from lightning_sparse.core.targets import prunable_parameters, unknown_layer_weights
 from lightning_sparse.run.console import show, show_line
 from lightning_sparse.run.files import (
     ENVIRONMENT_FILE,
@@ -194,6 +194,8 @@ def build_summary(
         "params_nonzero": params_nonzero,
         # Equal digests mean bit-identical final weights (e.g. two runs with the same seed).
         "weights_digest": weights_digest(model.state_dict()),
+        # 2-D+ weights of layer types no technique knows: left dense (register_layer_kind).
+        "unknown_layer_weights": unknown_layer_weights(model),
         "checkpoint": checkpoint,
         "run_dir": str(run_dir),
         "environment": dict(environment) if environment is not None else None,

@@ -54,6 +54,7 @@ from lightning_sparse.run.recipe import (
     recipe_to_dict,
     single_process,
 )
+from lightning_sparse.run.recipe_file import apply_recipe_file
 from lightning_sparse.run.resume import RESUME_FILE, resume_config
 
 __all__ = [
@@ -267,6 +268,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     recipe_name = job.recipe_name()
     if cfg.get("resume"):
         cfg, recipe_name = resume_config(cfg)
+    elif cfg.get("recipe_file"):  # a SparseML recipe in place of the recipe group
+        cfg, recipe_name = apply_recipe_file(cfg)
     job.set_threads(cfg.get("threads"))
     pl.seed_everything(int(cfg.seed), workers=True)
     trainer_kwargs, baseline, recipe_callbacks = check_job(cfg)

@@ -342,3 +342,21 @@ def test_fast_dev_run_smoke_tests_a_long_schedule() -> None:
     assert [epoch for _, epoch, _ in recorder.steps] == [0.5, 1.0]
     assert pruning.applied_sparsity == pytest.approx(pruning.schedule.sparsity_at(1.0))
     assert 0 < recorder.steps[-1][2] < 0.9
+
+
+class _WithUnknownLayer(TinyModule):
+    """TinyModule plus a layer type nobody registered (a raw 2-D parameter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.extra = torch.nn.Module()
+        self.extra.kernel = torch.nn.Parameter(torch.randn(4, 4))
+
+
+def test_all_prunable_says_which_weights_of_unknown_types_it_leaves_dense() -> None:
+    module = _WithUnknownLayer()
+    callback = MagnitudePruning(final_sparsity=0.5, start_epoch=0, end_epoch=1)
+    with pytest.warns(UserWarning, match=r"leaves 1 weights dense .*extra\.kernel"):
+        quiet_trainer(max_epochs=1, callbacks=[callback]).fit(module, datamodule=TinyData())
+    assert "extra.kernel" not in callback.target_names
+    assert bool((module.extra.kernel != 0).all())

@@ -168,7 +168,10 @@ def test_a_layer_cannot_be_quantized_twice() -> None:
 
 
 def test_only_conv_and_linear_layers_can_be_quantized() -> None:
-    with pytest.raises(QuantizationError, match="'bn1' is not a Conv1d/2d/3d or Linear layer"):
+    with pytest.raises(
+        QuantizationError,
+        match=r"'bn1' \(torch.nn.modules.batchnorm.BatchNorm2d\) is not a quantizable layer",
+    ):
         install(ConvBNNet(), ["bn1"], QuantSpec())
 
 

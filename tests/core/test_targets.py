@@ -48,5 +48,5 @@ def test_bad_regex_names_the_entry() -> None:
 
 def test_model_without_prunable_layers() -> None:
     assert prunable_parameters(nn.Sequential(nn.ReLU())) == {}
-    with pytest.raises(ValueError, match="the model has no Conv/Linear layer"):
+    with pytest.raises(ValueError, match="the model has no layer of a known kind"):
         resolve_params(nn.Sequential(nn.ReLU()), ALL_PRUNABLE)

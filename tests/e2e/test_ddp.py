@@ -160,3 +160,35 @@ def test_ddp_runs_the_main_recipe_with_every_technique_in_agreement(tmp_path: Pa
     assert summary["dense_baseline"] == {"kind": "snapshot", "epoch": 0.5}
     assert 0.0 < summary["dense_test_acc"] <= 1.0
     assert rank0["metrics"]["test/acc"] == rank1["metrics"]["test/acc"]
+
+
+@pytest.mark.slow
+def test_ddp_prunes_gpt2_two_of_four_along_conv1d_inputs_in_agreement(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    result = run_app(
+        "model=gpt2_tiny",
+        "data=synthetic_text",
+        "data.train_size=128",
+        "data.test_size=64",
+        "recipe=gmp_2of4",
+        "recipe.pruning.start_epoch=0",
+        "recipe.pruning.end_epoch=1",
+        "trainer.max_epochs=2",
+        "trainer.enable_model_summary=false",
+        "trainer=ddp_sim",
+        "debug.rank_report=true",
+        "export=false",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = read_json(tmp_path / "summary.json")
+    rank0 = read_json(tmp_path / "ranks" / "rank0.json")
+    rank1 = read_json(tmp_path / "ranks" / "rank1.json")
+    assert rank0["masks"] == rank1["masks"]
+    assert rank0["state_dict"] == rank1["state_dict"]
+    assert "pruning/model.transformer.h.0.attn.c_attn.weight" in rank0["masks"]
+    assert summary["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    weight = state["model.transformer.h.0.mlp.c_fc.weight"]  # Conv1D: [in, out]
+    kept = (weight.t().reshape(weight.shape[1], -1, 4) != 0).sum(dim=-1)
+    assert int(kept.max()) == 2

@@ -274,3 +274,19 @@ def test_tensor_digest_takes_scalars_and_tells_values_apart() -> None:
     assert tensor_digest(torch.tensor(0.5)) == tensor_digest(torch.tensor(0.5))
     assert tensor_digest(torch.tensor(0.5)) != tensor_digest(torch.tensor(0.25))
     assert tensor_digest(torch.tensor(0.5)) != tensor_digest(torch.tensor([0.5]))
+
+
+def test_summary_reports_weights_of_unknown_layer_types(tmp_path: Path) -> None:
+    class Bilinear(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.kernel = torch.nn.Parameter(torch.randn(4, 4))
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), Bilinear())
+    summary = build_summary(
+        model, [], test_acc=None, val_acc=None, seed=0, epochs=0, recipe_name=None,
+        recipe={}, checkpoint=None, run_dir=tmp_path,
+    )  # fmt: skip
+    assert list(summary["unknown_layer_weights"]) == ["1.kernel"]
+    assert summary["unknown_layer_weights"]["1.kernel"].endswith("Bilinear")
+    assert list(summary["sparsity_per_layer"]) == ["0.weight"]  # left dense, not measured
