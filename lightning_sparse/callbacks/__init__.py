@@ -1,6 +1,7 @@
 """Compression techniques as Lightning callbacks, and the interface they declare."""
 
 from lightning_sparse.callbacks.base import CompressionCallback, ScheduleLimit
+from lightning_sparse.callbacks.clustering import WeightClustering
 from lightning_sparse.callbacks.distillation import KnowledgeDistillation
 from lightning_sparse.callbacks.pruning import (
     ConstantPruning,
@@ -19,4 +20,5 @@ __all__ = [
     "MaskPruning",
     "QuantizationAwareTraining",
     "ScheduleLimit",
+    "WeightClustering",
 ]
