@@ -370,10 +370,12 @@ class ClassificationModule(CompressionModule, pl.LightningModule):
         per_epoch = max(1, math.ceil(int(batches) / self.trainer.accumulate_grad_batches))
         end_of_training = total_steps / per_epoch
         for index, phase in enumerate(phases):
-            if phase.start_epoch >= end_of_training:
+            # A phase that starts as training ends (e.g. fine-tuning after a pruning schedule
+            # that runs to the last epoch) is harmless; one past the end is a mistake.
+            if phase.start_epoch > end_of_training + 1e-9:
                 raise ValueError(
-                    f"`lr_phases[{index}].start_epoch`={phase.start_epoch:g} is not before the end "
-                    f"of training (epoch {end_of_training:g}): the phase would never start."
+                    f"`lr_phases[{index}].start_epoch`={phase.start_epoch:g} is past the end of "
+                    f"training (epoch {end_of_training:g}): the phase would never start."
                 )
         if self.hparams.get("lr_schedule", "constant") != "constant":
             rank_zero_info(

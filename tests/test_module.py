@@ -265,10 +265,16 @@ def test_an_lr_phase_past_the_end_of_training_names_the_field() -> None:
     data = SyntheticDataModule(train_size=160, batch_size=16)
     module = ClassificationModule(
         SmallCNN(num_classes=data.num_classes),
+        lr_phases=[{"start_epoch": 0, "lr": 0.1}, {"start_epoch": 2.5, "lr": 0.01}],
+    )
+    with pytest.raises(ValueError, match=r"`lr_phases\[1\].start_epoch`=2.5 is past the end"):
+        _trainer([], max_epochs=2).fit(module, data)
+    # One that starts as training ends never applies, and is no error.
+    module = ClassificationModule(
+        SmallCNN(num_classes=data.num_classes),
         lr_phases=[{"start_epoch": 0, "lr": 0.1}, {"start_epoch": 2, "lr": 0.01}],
     )
-    with pytest.raises(ValueError, match=r"`lr_phases\[1\].start_epoch`=2 is not before the end"):
-        _trainer([], max_epochs=2).fit(module, data)
+    _trainer([], max_epochs=2, limit_val_batches=0).fit(module, data)
 
 
 @pytest.mark.parametrize(
