@@ -50,17 +50,20 @@ __all__ = [
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
 LR_PHASE_SCHEDULES = ("constant", "linear", "cosine")
-_PHASE_KEYS = ("start_epoch", "end_epoch", "lr", "schedule", "min_lr_ratio")
+_PHASE_KEYS = ("start_epoch", "end_epoch", "lr", "lr_scale", "schedule", "min_lr_ratio")
 
 
 class LrPhase(NamedTuple):
     """One phase of a learning-rate schedule (an entry of ``lr_phases``), validated.
 
     Attributes:
-        start_epoch: fractional epoch at which the phase starts (a warm restart at ``lr``).
+        start_epoch: fractional epoch at which the phase starts (a warm restart at ``lr``). A
+            phase that starts where the next one does is empty (recipes interpolate epochs).
         end_epoch: where its curve ends (None: where the next phase starts, or the end of
             training); from there to the next phase the rate stays at the curve's last value.
-        lr: the learning rate at ``start_epoch``.
+        lr: the learning rate at ``start_epoch`` (None when ``lr_scale`` gives it).
+        lr_scale: the rate at ``start_epoch`` as a multiple of the module's ``lr``, so a recipe
+            fits models of different rates (None when ``lr`` gives it).
         schedule: ``constant``, ``linear`` or ``cosine`` (half a cosine) down to
             ``lr * min_lr_ratio`` at ``end_epoch``.
         min_lr_ratio: the curve's last rate as a share of ``lr``, in [0, 1].
@@ -68,9 +71,14 @@ class LrPhase(NamedTuple):
 
     start_epoch: float
     end_epoch: float | None
-    lr: float
+    lr: float | None
+    lr_scale: float | None
     schedule: str
     min_lr_ratio: float
+
+    def rate(self, base_lr: float) -> float:
+        """The rate at the phase's start, for a module whose ``lr`` is ``base_lr``."""
+        return self.lr if self.lr is not None else base_lr * (self.lr_scale or 0.0)
 
 
 class CompressionModule:
@@ -156,7 +164,8 @@ class ClassificationModule(CompressionModule, pl.LightningModule):
         min_lr_ratio: the cosine schedule's last learning rate as a share of ``lr``, in [0, 1].
         lr_phases: a learning rate per phase of training, as recipes set it (warm restarts where
             pruning and fine-tuning start, as SparseML's learning-rate modifiers): a list of
-            ``{start_epoch, lr, schedule, end_epoch, min_lr_ratio}`` (``schedule``: ``constant``,
+            ``{start_epoch, lr, schedule, end_epoch, min_lr_ratio}`` (``lr_scale`` instead of
+            ``lr``: the rate as a multiple of ``lr``; ``schedule``: ``constant``,
             ``linear`` or ``cosine`` from ``lr`` down to ``lr * min_lr_ratio`` at ``end_epoch``,
             default ``constant``; ``end_epoch`` defaults to the next phase's start, the last
             phase's to the end of training; ``min_lr_ratio`` defaults to 0), in increasing
@@ -229,7 +238,9 @@ class ClassificationModule(CompressionModule, pl.LightningModule):
             raise ValueError(f"`weight_decay`={weight_decay!r} is not allowed; it must be >= 0.")
         # Plain dicts, not Hydra's containers: hyperparameters go into checkpoints, which must
         # load with `weights_only=True`.
-        lr_phases = None if lr_phases is None else [p._asdict() for p in parse_lr_phases(lr_phases)]
+        lr_phases = (
+            None if lr_phases is None else [_phase_config(p) for p in parse_lr_phases(lr_phases)]
+        )
         if int(num_classes) < 2:
             raise ValueError(f"`num_classes`={num_classes!r} is not allowed; it must be >= 2.")
         # A str, not a Path: hyperparameters go into checkpoints, which must load with
@@ -372,7 +383,8 @@ class ClassificationModule(CompressionModule, pl.LightningModule):
         for index, phase in enumerate(phases):
             # A phase that starts as training ends (e.g. fine-tuning after a pruning schedule
             # that runs to the last epoch) is harmless; one past the end is a mistake.
-            if phase.start_epoch > end_of_training + 1e-9:
+            smoke = bool(vars(self.trainer).get("fast_dev_run"))  # a few batches: cannot fit
+            if phase.start_epoch > end_of_training + 1e-9 and not smoke:
                 raise ValueError(
                     f"`lr_phases[{index}].start_epoch`={phase.start_epoch:g} is past the end of "
                     f"training (epoch {end_of_training:g}): the phase would never start."
@@ -437,17 +449,23 @@ def parse_lr_phases(phases: Any) -> list[LrPhase]:
         unknown = sorted(set(entry) - set(_PHASE_KEYS))
         if unknown:
             raise ValueError(f"`{where}` has unknown keys {unknown}; allowed: {list(_PHASE_KEYS)}.")
-        for key in ("start_epoch", "lr"):
-            if key not in entry:
-                raise ValueError(f"`{where}` has no `{key}`; every phase needs start_epoch and lr.")
-        start, lr = entry["start_epoch"], entry["lr"]
+        if "start_epoch" not in entry:
+            raise ValueError(f"`{where}` has no `start_epoch`; every phase needs one.")
+        if ("lr" in entry) == ("lr_scale" in entry):
+            raise ValueError(
+                f"`{where}` needs exactly one of `lr` (a rate) and `lr_scale` (a multiple of the "
+                "module's lr)."
+            )
+        start = entry["start_epoch"]
+        rate_key = "lr" if "lr" in entry else "lr_scale"
+        lr = entry[rate_key]
         end = entry.get("end_epoch")
         schedule = entry.get("schedule", "constant")
         floor = entry.get("min_lr_ratio", 0.0)
         if not _is_real(start) or start < 0:
             raise ValueError(f"`{where}.start_epoch`={start!r} is not allowed; it must be >= 0.")
         if not _is_real(lr) or not lr > 0:
-            raise ValueError(f"`{where}.lr`={lr!r} is not allowed; it must be > 0.")
+            raise ValueError(f"`{where}.{rate_key}`={lr!r} is not allowed; it must be > 0.")
         if end is not None and (not _is_real(end) or end <= start):
             raise ValueError(
                 f"`{where}.end_epoch`={end!r} is not allowed; it must be null or > its "
@@ -464,9 +482,9 @@ def parse_lr_phases(phases: Any) -> list[LrPhase]:
             )
         if parsed:
             previous = parsed[-1]
-            if start <= previous.start_epoch:
+            if start < previous.start_epoch:
                 raise ValueError(
-                    f"`{where}.start_epoch`={start:g} is not after the previous phase's "
+                    f"`{where}.start_epoch`={start:g} is before the previous phase's "
                     f"start_epoch={previous.start_epoch:g}; list phases in increasing start_epoch."
                 )
             if previous.end_epoch is not None and previous.end_epoch > start:
@@ -476,12 +494,22 @@ def parse_lr_phases(phases: Any) -> list[LrPhase]:
                 )
         parsed.append(
             LrPhase(
-                float(start), None if end is None else float(end), float(lr), schedule, float(floor)
+                float(start),
+                None if end is None else float(end),
+                float(lr) if rate_key == "lr" else None,
+                float(lr) if rate_key == "lr_scale" else None,
+                schedule,
+                float(floor),
             )
         )
     if not parsed:
         raise ValueError("`lr_phases` is empty; give at least one phase, or null for none.")
     return parsed
+
+
+def _phase_config(phase: LrPhase) -> dict[str, Any]:
+    """A phase as its config gives it back (what ``parse_lr_phases`` reads)."""
+    return {key: value for key, value in phase._asdict().items() if value is not None}
 
 
 def _is_real(value: Any) -> bool:
@@ -517,7 +545,7 @@ def _phased(
         shape = phase.min_lr_ratio + (1.0 - phase.min_lr_ratio) * 0.5 * (
             1.0 + math.cos(math.pi * progress)
         )
-    return phase.lr * shape / base_lr
+    return phase.rate(base_lr) * shape / base_lr
 
 
 _M = TypeVar("_M", bound=nn.Module)

@@ -216,6 +216,24 @@ def test_lr_phases_follow_the_optimizer_step_clock(accumulate: int) -> None:
             batches_seen += 1
 
 
+def test_lr_scale_and_an_empty_phase() -> None:
+    pl.seed_everything(0)
+    data = SyntheticDataModule(train_size=160, batch_size=16)
+    module = ClassificationModule(
+        SmallCNN(num_classes=data.num_classes),
+        lr=0.1,
+        lr_phases=[
+            {"start_epoch": 0, "lr_scale": 0.5},
+            {"start_epoch": 1, "lr": 0.3},  # empty: the next phase starts here too
+            {"start_epoch": 1, "lr_scale": 0.2, "schedule": "linear"},
+        ],
+    )
+    rates = LearningRates()
+    _trainer([rates], max_epochs=2).fit(module, data)
+    assert rates.rates[:10] == pytest.approx([0.05] * 10)
+    assert rates.rates[10:] == pytest.approx([0.02 * (1 - i / 10) for i in range(10)])
+
+
 def test_lr_phases_before_the_first_phase_use_lr() -> None:
     pl.seed_everything(0)
     data = SyntheticDataModule(train_size=160, batch_size=16)
@@ -246,10 +264,11 @@ def test_lr_phases_resume_exactly_and_load_weights_only(tmp_path: Path) -> None:
         )
         crash = [Crash(crash_at)] if crash_at is not None else []
         trainer = _trainer([rates, every, *crash], max_epochs=4, deterministic=True)
-        try:
+        if crash_at is None:
             trainer.fit(module, data, ckpt_path=ckpt)
-        except RuntimeError as err:
-            assert "crash on purpose" in str(err)
+        else:
+            with pytest.raises(RuntimeError, match="crash on purpose"):
+                trainer.fit(module, data, ckpt_path=ckpt)
         return rates
 
     whole = fit(None, None)
@@ -285,6 +304,9 @@ def test_an_lr_phase_past_the_end_of_training_names_the_field() -> None:
         ([0.1], r"`lr_phases\[0\]`=0.1 is not a mapping"),
         ([{"start_epoch": 0, "lr": 0.1, "gamma": 2}], r"unknown keys \['gamma'\]"),
         ([{"lr": 0.1}], r"`lr_phases\[0\]` has no `start_epoch`"),
+        ([{"start_epoch": 0}], r"`lr_phases\[0\]` needs exactly one of `lr` \(a rate\) and"),
+        ([{"start_epoch": 0, "lr": 0.1, "lr_scale": 1}], r"needs exactly one of `lr`"),
+        ([{"start_epoch": 0, "lr_scale": -1}], r"`lr_phases\[0\].lr_scale`=-1 is not allowed"),
         ([{"start_epoch": -1, "lr": 0.1}], r"`lr_phases\[0\].start_epoch`=-1 is not allowed"),
         ([{"start_epoch": 0, "lr": 0}], r"`lr_phases\[0\].lr`=0 is not allowed; it must be > 0"),
         (
@@ -297,8 +319,8 @@ def test_an_lr_phase_past_the_end_of_training_names_the_field() -> None:
             r"`lr_phases\[0\].min_lr_ratio`=2 is not allowed; it must be in \[0, 1\]",
         ),
         (
-            [{"start_epoch": 1, "lr": 0.1}, {"start_epoch": 1, "lr": 0.1}],
-            r"`lr_phases\[1\].start_epoch`=1 is not after the previous phase's start_epoch=1",
+            [{"start_epoch": 1, "lr": 0.1}, {"start_epoch": 0.5, "lr": 0.1}],
+            r"`lr_phases\[1\].start_epoch`=0.5 is before the previous phase's start_epoch=1",
         ),
         (
             [{"start_epoch": 0, "lr": 0.1, "end_epoch": 3}, {"start_epoch": 2, "lr": 0.1}],
