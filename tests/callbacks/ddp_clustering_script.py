@@ -1,4 +1,4 @@
-"""Run by tests/callbacks/test_weight_clustering.py: weight clustering under 2-process CPU DDP (gloo).
+"""Run by tests/callbacks/test_weight_clustering.py: weight clustering under CPU DDP (gloo).
 
 Lightning's DDP launcher starts rank 1 by re-running this command, so it must be a standalone
 module. Usage, from the repository root: python -m tests.callbacks.ddp_clustering_script OUT_DIR
