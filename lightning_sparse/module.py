@@ -15,9 +15,9 @@ from __future__ import annotations
 import copy
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import lightning.pytorch as pl
 import torch
@@ -33,15 +33,18 @@ from lightning_sparse.core.checkpoint import CHECKPOINT_IN_RUN_DIR, checkpoint_p
 __all__ = [
     "CHECKPOINT_IN_RUN_DIR",
     "IGNORE_INDEX",
+    "LR_PHASE_SCHEDULES",
     "LR_SCHEDULES",
     "OPTIMIZERS",
     "ClassificationModule",
     "CompressionModule",
+    "LrPhase",
     "checkpoint_path",
     "copy_without_trainer",
     "drop_instance_forwards",
     "find_head",
     "load_weights",
+    "parse_lr_phases",
     "read_state_dict",
 ]
 
@@ -50,6 +53,36 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 # them.
 IGNORE_INDEX = -100
 LR_SCHEDULES = ("constant", "cosine")
+LR_PHASE_SCHEDULES = ("constant", "linear", "cosine")
+_PHASE_KEYS = ("start_epoch", "end_epoch", "lr", "lr_scale", "schedule", "min_lr_ratio")
+
+
+class LrPhase(NamedTuple):
+    """One phase of a learning-rate schedule (an entry of ``lr_phases``), validated.
+
+    Attributes:
+        start_epoch: fractional epoch at which the phase starts (a warm restart at ``lr``). A
+            phase that starts where the next one does is empty (recipes interpolate epochs).
+        end_epoch: where its curve ends (None: where the next phase starts, or the end of
+            training); from there to the next phase the rate stays at the curve's last value.
+        lr: the learning rate at ``start_epoch`` (None when ``lr_scale`` gives it).
+        lr_scale: the rate at ``start_epoch`` as a multiple of the module's ``lr``, so a recipe
+            fits models of different rates (None when ``lr`` gives it).
+        schedule: ``constant``, ``linear`` or ``cosine`` (half a cosine) down to
+            ``lr * min_lr_ratio`` at ``end_epoch``.
+        min_lr_ratio: the curve's last rate as a share of ``lr``, in [0, 1].
+    """
+
+    start_epoch: float
+    end_epoch: float | None
+    lr: float | None
+    lr_scale: float | None
+    schedule: str
+    min_lr_ratio: float
+
+    def rate(self, base_lr: float) -> float:
+        """The rate at the phase's start, for a module whose ``lr`` is ``base_lr``."""
+        return self.lr if self.lr is not None else base_lr * (self.lr_scale or 0.0)
 
 
 class CompressionModule:
@@ -140,6 +173,17 @@ class ClassificationModule(CompressionModule, pl.LightningModule):
             (``Trainer.estimated_stepping_batches``, so ``max_epochs`` and gradient accumulation
             are accounted for), updated every step.
         min_lr_ratio: the cosine schedule's last learning rate as a share of ``lr``, in [0, 1].
+        lr_phases: a learning rate per phase of training, as recipes set it (warm restarts where
+            pruning and fine-tuning start, as SparseML's learning-rate modifiers): a list of
+            ``{start_epoch, lr, schedule, end_epoch, min_lr_ratio}`` (``lr_scale`` instead of
+            ``lr``: the rate as a multiple of ``lr``; ``schedule``: ``constant``,
+            ``linear`` or ``cosine`` from ``lr`` down to ``lr * min_lr_ratio`` at ``end_epoch``,
+            default ``constant``; ``end_epoch`` defaults to the next phase's start, the last
+            phase's to the end of training; ``min_lr_ratio`` defaults to 0), in increasing
+            ``start_epoch``. Epochs are fractional, on the optimizer-step clock the compression
+            callbacks use; the rate is updated every optimizer step and resumes exactly. Before
+            the first phase the rate is ``lr``. When set, ``lr_schedule`` and ``min_lr_ratio``
+            are not used. None (the default): ``lr_schedule`` alone.
         init_from: start from these weights: a run dir (its ``checkpoints/last.ckpt``), a Lightning
             checkpoint of this module, or a plain ``state_dict`` of the backbone (e.g. torchvision
             weights saved with ``torch.save``). Loaded at construction; every key must match but
@@ -181,6 +225,7 @@ class ClassificationModule(CompressionModule, pl.LightningModule):
         momentum: float = 0.9,
         lr_schedule: str = "constant",
         min_lr_ratio: float = 0.0,
+        lr_phases: Sequence[Mapping[str, Any]] | None = None,
         init_from: str | Path | None = None,
         reset_head: bool = False,
         head: str | None = None,
@@ -202,6 +247,11 @@ class ClassificationModule(CompressionModule, pl.LightningModule):
             )
         if weight_decay < 0:
             raise ValueError(f"`weight_decay`={weight_decay!r} is not allowed; it must be >= 0.")
+        # Plain dicts, not Hydra's containers: hyperparameters go into checkpoints, which must
+        # load with `weights_only=True`.
+        lr_phases = (
+            None if lr_phases is None else [_phase_config(p) for p in parse_lr_phases(lr_phases)]
+        )
         if int(num_classes) < 2:
             raise ValueError(f"`num_classes`={num_classes!r} is not allowed; it must be >= 2.")
         # A str, not a Path: hyperparameters go into checkpoints, which must load with
@@ -306,6 +356,8 @@ class ClassificationModule(CompressionModule, pl.LightningModule):
     @override
     def configure_optimizers(self) -> Any:
         optimizer = self._optimizer()
+        if self.hparams.get("lr_phases") is not None:
+            return self._phased_schedule(optimizer)
         if self.hparams.get("lr_schedule", "constant") == "constant":
             return optimizer
         total = max(1, int(self.trainer.estimated_stepping_batches))
@@ -328,12 +380,54 @@ class ClassificationModule(CompressionModule, pl.LightningModule):
             if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
                 continue
             factors = scheduler.lr_lambdas
-            if not all(isinstance(f, functools.partial) and f.func is _cosine for f in factors):
+            ours = (_cosine, _phased)
+            if not all(isinstance(f, functools.partial) and f.func in ours for f in factors):
                 continue
             groups = scheduler.optimizer.param_groups
             for group, base, factor in zip(groups, scheduler.base_lrs, factors, strict=True):
                 group["lr"] = base * factor(scheduler.last_epoch)
             scheduler._last_lr = [group["lr"] for group in groups]  # what get_last_lr() reports
+
+    def _phased_schedule(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        phases = parse_lr_phases(self.hparams["lr_phases"])
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        # The compression callbacks' clock: optimizer steps per epoch as the trainer takes them
+        # (the last window of an epoch steps even when accumulation does not divide it).
+        batches = self.trainer.num_training_batches
+        if not math.isfinite(batches):
+            raise ValueError(
+                "`lr_phases` are in epochs and need a train dataloader with a length; this one "
+                "has none (an IterableDataset?)."
+            )
+        per_epoch = max(1, math.ceil(int(batches) / self.trainer.accumulate_grad_batches))
+        end_of_training = total_steps / per_epoch
+        for index, phase in enumerate(phases):
+            # A phase that starts as training ends (e.g. fine-tuning after a pruning schedule
+            # that runs to the last epoch) is harmless; one past the end is a mistake.
+            smoke = bool(vars(self.trainer).get("fast_dev_run"))  # a few batches: cannot fit
+            if phase.start_epoch > end_of_training + 1e-9 and not smoke:
+                raise ValueError(
+                    f"`lr_phases[{index}].start_epoch`={phase.start_epoch:g} is past the end of "
+                    f"training (epoch {end_of_training:g}): the phase would never start."
+                )
+        if self.hparams.get("lr_schedule", "constant") != "constant":
+            rank_zero_info(
+                f"lr_phases are set: lr_schedule={self.hparams['lr_schedule']!r} is not used."
+            )
+        # As for the cosine: the numbers are the partial's arguments, not LambdaLR state, so a
+        # resumed run with another length recomputes them; the step count is the state.
+        factor = functools.partial(
+            _phased,
+            phases=tuple(phases),
+            per_epoch=per_epoch,
+            end_of_training=end_of_training,
+            base_lr=float(self.hparams["lr"]),
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }
 
     def _optimizer(self) -> torch.optim.Optimizer:
         params = self.parameters()
@@ -356,6 +450,129 @@ def _cosine(step: int, total: int, floor: float) -> float:
     """``LambdaLR`` factor: half a cosine from 1 at step 0 to ``floor`` at step ``total``."""
     progress = min(step, total) / total
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def parse_lr_phases(phases: Any) -> list[LrPhase]:
+    """Validate ``lr_phases`` (a list of mappings, as a config gives them) into phases.
+
+    Raises:
+        ValueError: not a list of mappings, an unknown key, a missing ``start_epoch`` or ``lr``,
+            a value out of range, phases out of order or overlapping; names the entry and key.
+    """
+    # Hydra's ListConfig and DictConfig are a Sequence and a Mapping.
+    if isinstance(phases, (str, bytes)) or not isinstance(phases, Sequence):
+        raise ValueError(
+            f"`lr_phases`={phases!r} is not allowed; give a list of phases, each a mapping "
+            f"with keys {', '.join(_PHASE_KEYS)}."
+        )
+    parsed: list[LrPhase] = []
+    for index, raw in enumerate(phases):
+        where = f"lr_phases[{index}]"
+        if not isinstance(raw, Mapping):
+            raise ValueError(
+                f"`{where}`={raw!r} is not a mapping with keys {', '.join(_PHASE_KEYS)}."
+            )
+        entry = {str(key): value for key, value in raw.items()}
+        unknown = sorted(set(entry) - set(_PHASE_KEYS))
+        if unknown:
+            raise ValueError(f"`{where}` has unknown keys {unknown}; allowed: {list(_PHASE_KEYS)}.")
+        if "start_epoch" not in entry:
+            raise ValueError(f"`{where}` has no `start_epoch`; every phase needs one.")
+        if ("lr" in entry) == ("lr_scale" in entry):
+            raise ValueError(
+                f"`{where}` needs exactly one of `lr` (a rate) and `lr_scale` (a multiple of the "
+                "module's lr)."
+            )
+        start = entry["start_epoch"]
+        rate_key = "lr" if "lr" in entry else "lr_scale"
+        lr = entry[rate_key]
+        end = entry.get("end_epoch")
+        schedule = entry.get("schedule", "constant")
+        floor = entry.get("min_lr_ratio", 0.0)
+        if not _is_real(start) or start < 0:
+            raise ValueError(f"`{where}.start_epoch`={start!r} is not allowed; it must be >= 0.")
+        if not _is_real(lr) or not lr > 0:
+            raise ValueError(f"`{where}.{rate_key}`={lr!r} is not allowed; it must be > 0.")
+        if end is not None and (not _is_real(end) or end <= start):
+            raise ValueError(
+                f"`{where}.end_epoch`={end!r} is not allowed; it must be null or > its "
+                f"start_epoch={start:g}."
+            )
+        if schedule not in LR_PHASE_SCHEDULES:
+            raise ValueError(
+                f"`{where}.schedule`={schedule!r} is not allowed; choose one of "
+                f"{LR_PHASE_SCHEDULES}."
+            )
+        if not _is_real(floor) or not 0.0 <= floor <= 1.0:
+            raise ValueError(
+                f"`{where}.min_lr_ratio`={floor!r} is not allowed; it must be in [0, 1]."
+            )
+        if parsed:
+            previous = parsed[-1]
+            if start < previous.start_epoch:
+                raise ValueError(
+                    f"`{where}.start_epoch`={start:g} is before the previous phase's "
+                    f"start_epoch={previous.start_epoch:g}; list phases in increasing start_epoch."
+                )
+            if previous.end_epoch is not None and previous.end_epoch > start:
+                raise ValueError(
+                    f"`lr_phases[{index - 1}].end_epoch`={previous.end_epoch:g} is after the next "
+                    f"phase's start_epoch={start:g}; phases must not overlap."
+                )
+        parsed.append(
+            LrPhase(
+                float(start),
+                None if end is None else float(end),
+                float(lr) if rate_key == "lr" else None,
+                float(lr) if rate_key == "lr_scale" else None,
+                schedule,
+                float(floor),
+            )
+        )
+    if not parsed:
+        raise ValueError("`lr_phases` is empty; give at least one phase, or null for none.")
+    return parsed
+
+
+def _phase_config(phase: LrPhase) -> dict[str, Any]:
+    """A phase as its config gives it back (what ``parse_lr_phases`` reads)."""
+    return {key: value for key, value in phase._asdict().items() if value is not None}
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _phased(
+    step: int,
+    phases: tuple[LrPhase, ...],
+    per_epoch: int,
+    end_of_training: float,
+    base_lr: float,
+) -> float:
+    """``LambdaLR`` factor at optimizer step ``step``: the phase in force, as a share of ``lr``."""
+    epoch = step / per_epoch
+    current = None
+    for index, phase in enumerate(phases):
+        if phase.start_epoch <= epoch:
+            current = index
+    if current is None:
+        return 1.0
+    phase = phases[current]
+    end = phase.end_epoch
+    if end is None:
+        end = phases[current + 1].start_epoch if current + 1 < len(phases) else end_of_training
+    span = end - phase.start_epoch
+    progress = min(1.0, (epoch - phase.start_epoch) / span) if span > 0 else 1.0
+    if phase.schedule == "constant":
+        shape = 1.0
+    elif phase.schedule == "linear":
+        shape = 1.0 - (1.0 - phase.min_lr_ratio) * progress
+    else:
+        shape = phase.min_lr_ratio + (1.0 - phase.min_lr_ratio) * 0.5 * (
+            1.0 + math.cos(math.pi * progress)
+        )
+    return phase.rate(base_lr) * shape / base_lr
 
 
 _M = TypeVar("_M", bound=nn.Module)

@@ -2,6 +2,7 @@
 own callbacks this package ships (progress for logs and pipes, a quieter model summary)."""
 
 from lightning_sparse.callbacks.base import CompressionCallback, ScheduleLimit
+from lightning_sparse.callbacks.clustering import WeightClustering
 from lightning_sparse.callbacks.distillation import KnowledgeDistillation
 from lightning_sparse.callbacks.early_exit import EarlyExit
 from lightning_sparse.callbacks.progress import EpochLine, progress_bar
@@ -28,5 +29,6 @@ __all__ = [
     "QuantizationAwareTraining",
     "ScheduleLimit",
     "SparsityRegularization",
+    "WeightClustering",
     "progress_bar",
 ]

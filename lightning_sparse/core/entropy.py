@@ -35,8 +35,10 @@ import numpy as np
 __all__ = [
     "FORMAT_VERSION",
     "STREAM_CODECS",
+    "decode_positions",
     "decode_sparse",
     "decode_symbols",
+    "encode_positions",
     "encode_sparse",
     "encode_symbols",
     "entropy_bits",
@@ -346,6 +348,39 @@ def decode_sparse(
     mask = np.zeros(size, dtype=np.bool_)
     mask[positions] = True
     return values.astype(dtype), mask.reshape(shape)
+
+
+def encode_positions(mask: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    """Entropy-code where a flat bool ``mask`` is ``True``, as coded gaps (see the module doc).
+
+    The positions half of :func:`encode_sparse`, for values stored another way (floats).
+
+    Returns:
+        ``(blob, header)``: the ``uint8`` blob and the stream's header (:func:`encode_symbols`)
+        with ``max_gap`` added.
+    """
+    positions = np.flatnonzero(np.asarray(mask, dtype=np.bool_).ravel())
+    gaps = np.diff(positions, prepend=-1) - 1
+    max_gap = _best_max_gap(gaps)
+    blob, header = encode_symbols(_gap_symbols(gaps, max_gap), max_gap + 1)
+    return blob, {**header, "max_gap": max_gap}
+
+
+def decode_positions(blob: np.ndarray, header: Mapping[str, Any], size: int) -> np.ndarray:
+    """The flat bool mask of ``size`` entries that :func:`encode_positions` coded.
+
+    Raises:
+        ValueError: a corrupt or truncated stream, or positions past ``size``.
+    """
+    max_gap = _field(header, "max_gap", int)
+    if max_gap < 1:
+        raise ValueError(f"Positions stream metadata: max_gap={max_gap}.")
+    positions = _positions(decode_symbols(blob, header), max_gap)
+    if positions.size and positions[-1] >= size:
+        raise ValueError(f"Corrupt gaps stream: a position {positions[-1]} past {size} entries.")
+    mask = np.zeros(size, dtype=np.bool_)
+    mask[positions] = True
+    return mask
 
 
 def _huffman_lengths(counts: np.ndarray) -> np.ndarray:

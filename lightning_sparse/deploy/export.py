@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_sparse.core.fake_quant import LayerQuantizer, quantized_layers
-from lightning_sparse.deploy.compressed import COMPRESSED_FILE, dense_bytes, save_compressed
+from lightning_sparse.deploy.compressed import COMPRESSED_FILE, dense_bytes, write_compressed
 from lightning_sparse.deploy.onnx_int8 import (
     ExportError,
     call_model,
@@ -203,7 +203,9 @@ def export_model(
         ``onnx_fp32_path``, ``onnx_int8_path``, ``compressed_path``, ``onnx_fp32_acc``,
         ``onnx_int8_acc``, ``onnx_fp32_max_abs_diff`` (vs PyTorch), ``onnx_int8_agreement``
         (top-1 agreement with PyTorch's fake-quantized model), ``ort_fp32_ms``, ``ort_int8_ms``,
-        ``latency_batch_size``, ``dense_bytes``, ``compressed_bytes``, ``compression_ratio``.
+        ``latency_batch_size``, ``dense_bytes``, ``compressed_bytes``, ``compression_ratio``,
+        ``compression`` (bits per weight of the compressed file next to the entropy bound of
+        what it coded, in all and per tensor: :meth:`CompressedFile.summary`).
         Int8 fields are None when the model is not quantized; accuracies when batches have no
         labels.
 
@@ -308,7 +310,8 @@ def _export(
     if max_diff > 1e-4:
         log.warning("model.onnx differs from PyTorch by up to %.3g (> 1e-4).", max_diff)
     compressed_path = tmp / COMPRESSED_FILE
-    compressed = save_compressed(module, compressed_path)
+    written = write_compressed(module, compressed_path)
+    compressed = written.bytes
     dense = dense_bytes(module)
 
     def accuracy(name: str) -> float | None:
@@ -328,5 +331,6 @@ def _export(
         "dense_bytes": dense,
         "compressed_bytes": compressed,
         "compression_ratio": dense / compressed,
+        "compression": written.summary(),
         "quantized_layers": list(layers),
     }

@@ -58,8 +58,13 @@ by the same word the value is converted, and :func:`convert` writes down how:
 - Learning rate: a rate set at the start (``SetLearningRateModifier``, ``init_lr``) is
   ``model.lr``; one cosine over the whole run (``LearningRateFunctionModifier lr_func: cosine``,
   or a single-cycle ``CosineAnnealingWarmRestarts``) is ``model.lr_schedule: cosine`` with
-  ``min_lr_ratio = final_lr / init_lr``. Anything per phase is refused for now (see
-  ``_LR_SUPPORTED``). ``SetWeightDecayModifier`` at the start is ``model.weight_decay``.
+  ``min_lr_ratio = final_lr / init_lr``. Anything else is ``model.lr_phases``, one phase per
+  ``SetLearningRateModifier`` (constant from its start), ``LearningRateFunctionModifier``
+  (``linear`` or ``cosine`` from ``init_lr`` to ``final_lr`` over its epochs, then held),
+  ``CosineAnnealingWarmRestarts`` cycle, ``StepLR`` step or ``MultiStepLR`` milestone (epochs of
+  the recipe, moved with the stage); overlapping phases, rising curves and other schedulers are
+  refused (``_LR_SUPPORTED``). ``SetWeightDecayModifier`` at the start is
+  ``model.weight_decay``.
 
 Supported modifiers are the keys of ``_MODIFIERS``, one row each: add a row to support another.
 
@@ -74,6 +79,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import itertools
 import logging
 import math
 import operator
@@ -519,6 +525,7 @@ class _Context:
     model: dict[str, Any] = field(default_factory=dict)
     model_sources: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    lr_pieces: list[_LrPiece] = field(default_factory=list)
 
     def set_model(self, key: str, value: Any, where: str) -> None:
         if key in self.model and self.model[key] != value:
@@ -920,11 +927,32 @@ def _build_epochs(mod: _Modifier, ctx: _Context) -> None:
 
 
 _LR_SUPPORTED = (
-    "supported: a learning rate set at the start (SetLearningRateModifier at start_epoch 0, or "
-    "init_lr), and one cosine decay over the whole run (LearningRateFunctionModifier with "
-    "lr_func: cosine, or LearningRateModifier with a single-cycle CosineAnnealingWarmRestarts, "
-    "from epoch 0 to the end); learning rates per phase are not supported yet"
+    "supported: SetLearningRateModifier, LearningRateFunctionModifier with lr_func linear or "
+    "cosine (decaying: final_lr <= init_lr), and LearningRateModifier with lr_class "
+    "CosineAnnealingWarmRestarts, StepLR or MultiStepLR and an init_lr, for all parameters; a "
+    "rate set at the start and one cosine over the whole run are model.lr and "
+    "model.lr_schedule, anything per phase is model.lr_phases"
 )
+
+
+@dataclass
+class _LrPiece:
+    """One phase of the learning rate a modifier asks for (an entry of ``model.lr_phases``)."""
+
+    where: str
+    start: float
+    end: float | None  # None: until the next phase or the end of training
+    lr: float
+    schedule: str = "constant"
+    min_lr_ratio: float = 0.0
+
+    def phase(self) -> dict[str, Any]:
+        phase: dict[str, Any] = {"start_epoch": self.start, "lr": self.lr}
+        if self.schedule != "constant":
+            phase |= {"schedule": self.schedule, "min_lr_ratio": self.min_lr_ratio}
+        if self.end is not None:
+            phase["end_epoch"] = self.end
+        return phase
 
 
 def _whole_run(mod: _Modifier, ctx: _Context) -> bool:
@@ -939,40 +967,44 @@ def _no_param_groups(mod: _Modifier) -> None:
     )
 
 
+def _lr_end(mod: _Modifier) -> float | None:
+    return None if mod.end < 0 else mod.end
+
+
+def _decay(mod: _Modifier, init: float, final: float, what: str) -> float:
+    """``final / init`` for a curve that decays from ``init`` to ``final``."""
+    if init <= 0 or not 0 <= final <= init:
+        raise RecipeImportError(
+            f"{mod.where}: {what} from {init:g} to {final:g} cannot be expressed; a phase decays "
+            f"from lr > 0 to lr * min_lr_ratio with min_lr_ratio in [0, 1]; {_LR_SUPPORTED}."
+        )
+    return final / init
+
+
 def _build_set_lr(mod: _Modifier, ctx: _Context) -> None:
     _no_param_groups(mod)
     rate = mod.args.get("learning_rate")
     if rate is None:
         return
-    if mod.start > _EPS:
-        raise RecipeImportError(
-            f"{mod.where} sets the learning rate at start_epoch={mod.start:g}; {_LR_SUPPORTED}."
-        )
-    ctx.set_model("lr", _number(rate, f"{mod.where}.learning_rate"), mod.where)
-
-
-def _cosine(mod: _Modifier, ctx: _Context, init: float, final: float) -> None:
-    if init <= 0 or not 0 <= final <= init:
-        raise RecipeImportError(
-            f"{mod.where}: a cosine from {init:g} to {final:g}; ours decays from lr > 0 to "
-            "lr * min_lr_ratio with min_lr_ratio in [0, 1]."
-        )
-    ctx.set_model("lr", init, mod.where)
-    ctx.set_model("lr_schedule", "cosine", mod.where)
-    ctx.set_model("min_lr_ratio", final / init, mod.where)
+    value = _number(rate, f"{mod.where}.learning_rate")
+    ctx.lr_pieces.append(_LrPiece(mod.where, max(0.0, mod.start), None, value))
 
 
 def _build_lr_function(mod: _Modifier, ctx: _Context) -> None:
     _no_param_groups(mod)
     a = mod.args
     func = a.get("lr_func")
-    if func != "cosine" or not _whole_run(mod, ctx):
+    if func not in ("linear", "cosine"):
         span = f"epochs {max(0.0, mod.start):g} to {'the end' if mod.end < 0 else f'{mod.end:g}'}"
         raise RecipeImportError(
             f"{mod.where}: lr_func={func!r} over {span} cannot be expressed; {_LR_SUPPORTED}."
         )
     init = _number(a["init_lr"], f"{mod.where}.init_lr")
-    _cosine(mod, ctx, init, _number(a["final_lr"], f"{mod.where}.final_lr"))
+    final = _number(a["final_lr"], f"{mod.where}.final_lr")
+    ratio = _decay(mod, init, final, f"lr_func={func!r}")
+    ctx.lr_pieces.append(
+        _LrPiece(mod.where, max(0.0, mod.start), _lr_end(mod), init, func, ratio),
+    )
 
 
 def _build_lr(mod: _Modifier, ctx: _Context) -> None:
@@ -980,24 +1012,113 @@ def _build_lr(mod: _Modifier, ctx: _Context) -> None:
     a = mod.args
     kwargs = a.get("lr_kwargs") or {}
     lr_class = a.get("lr_class")
-    cycle = kwargs.get("cycle_epochs", kwargs.get("T_0")) if isinstance(kwargs, dict) else None
-    single_cosine = (
-        lr_class == "CosineAnnealingWarmRestarts"
-        and cycle is not None
-        and ctx.run_end is not None
-        and _number(cycle, f"{mod.where}.lr_kwargs.cycle_epochs") + max(0.0, mod.start)
-        >= ctx.run_end - _EPS
-    )
-    if not (single_cosine and _whole_run(mod, ctx)) or a.get("init_lr") is None:
+    start = max(0.0, mod.start)
+    if (
+        not isinstance(kwargs, dict)
+        or a.get("init_lr") is None
+        or lr_class
+        not in (
+            "CosineAnnealingWarmRestarts",
+            "StepLR",
+            "MultiStepLR",
+        )
+    ):
         raise RecipeImportError(
             f"{mod.where}: lr_class={lr_class!r} with lr_kwargs={kwargs!r} from epoch "
-            f"{max(0.0, mod.start):g} cannot be expressed; {_LR_SUPPORTED}."
+            f"{start:g} cannot be expressed; {_LR_SUPPORTED}."
         )
     init = _number(a["init_lr"], f"{mod.where}.init_lr")
-    floor = _number(
-        kwargs.get("lr_min", kwargs.get("eta_min", 0.0)), f"{mod.where}.lr_kwargs.lr_min"
+    end = _lr_end(mod)
+    if end is None and ctx.run_end is None and lr_class != "MultiStepLR":
+        raise RecipeImportError(
+            f"{mod.where}: lr_class={lr_class!r} repeats until the end of training, which the "
+            "recipe does not give (add an EpochRangeModifier or an end_epoch)."
+        )
+    stop = end if end is not None else ctx.run_end
+    pieces: list[_LrPiece] = []
+    if lr_class == "CosineAnnealingWarmRestarts":
+        cycle = _number(kwargs.get("cycle_epochs", kwargs.get("T_0")), f"{mod.where}.cycle_epochs")
+        growth = _number(kwargs.get("T_mult", 1), f"{mod.where}.lr_kwargs.T_mult")
+        floor = _number(
+            kwargs.get("lr_min", kwargs.get("eta_min", 0.0)), f"{mod.where}.lr_kwargs.lr_min"
+        )
+        ratio = _decay(mod, init, floor, "a cosine")
+        _refuse_unless(
+            cycle > 0 and growth >= 1,
+            f"{mod.where}.lr_kwargs",
+            kwargs,
+            "cycle_epochs > 0, T_mult >= 1.",
+        )
+        at = start
+        assert stop is not None
+        while at < stop - _EPS:
+            pieces.append(_LrPiece(mod.where, at, min(at + cycle, stop), init, "cosine", ratio))
+            at, cycle = at + cycle, cycle * growth
+    else:
+        gamma = _number(kwargs.get("gamma", 0.1), f"{mod.where}.lr_kwargs.gamma")
+        _refuse_unless(0 < gamma <= 1, f"{mod.where}.lr_kwargs.gamma", gamma, "in (0, 1].")
+        if lr_class == "StepLR":
+            step = _number(kwargs.get("step_size"), f"{mod.where}.lr_kwargs.step_size")
+            _refuse_unless(step > 0, f"{mod.where}.lr_kwargs.step_size", step, "> 0 epochs.")
+            assert stop is not None
+            count = max(1, math.ceil((stop - start) / step - _EPS))
+            epochs = [start + i * step for i in range(count)]
+        else:
+            milestones = kwargs.get("milestones") or []
+            # Milestones are epochs of the recipe as written: a stage moves them with its start.
+            shift = mod.start - max(0.0, _number(a.get("start_epoch", -1), mod.where))
+            written = sorted(_number(m, f"{mod.where}.lr_kwargs.milestones") for m in milestones)
+            epochs = [start] + [m + shift for m in written if m + shift > start + _EPS]
+        for i, epoch in enumerate(epochs):
+            pieces.append(_LrPiece(mod.where, epoch, None, init * gamma**i))
+        if end is not None:  # after its end the rate stays where it was
+            pieces[-1].end = None
+    ctx.lr_pieces.extend(pieces)
+
+
+def _finish_learning_rate(ctx: _Context) -> None:
+    """Learning-rate pieces as model.lr (+ a whole-run cosine), or as model.lr_phases."""
+    pieces = ctx.lr_pieces
+    if not pieces:
+        return
+    whole_run_cosine = [
+        p
+        for p in pieces
+        if p.schedule == "cosine"
+        and p.start <= _EPS
+        and (p.end is None or ctx.run_end is None or p.end >= ctx.run_end - _EPS)
+    ]
+    at_start = [p for p in pieces if p.start <= _EPS and p.schedule == "constant"]
+    if len(whole_run_cosine) + len(at_start) == len(pieces) and len(whole_run_cosine) <= 1:
+        for piece in pieces:  # as before phases existed: one rate and at most one cosine
+            ctx.set_model("lr", piece.lr, piece.where)
+        for piece in whole_run_cosine:
+            ctx.set_model("lr_schedule", "cosine", piece.where)
+            ctx.set_model("min_lr_ratio", piece.min_lr_ratio, piece.where)
+        return
+    ordered = sorted(pieces, key=lambda p: p.start)
+    for before, after in itertools.pairwise(ordered):
+        if after.start <= before.start + _EPS:
+            raise RecipeImportError(
+                f"{after.where} sets the learning rate from epoch {after.start:g}, as "
+                f"{before.where} does; one rate at a time."
+            )
+        if before.end is not None and before.end > after.start + _EPS:
+            raise RecipeImportError(
+                f"{before.where} sets the learning rate until epoch {before.end:g}, past "
+                f"{after.where}'s start at epoch {after.start:g}; phases must not overlap."
+            )
+        if before.end is None and before.schedule != "constant" and before.where != after.where:
+            raise RecipeImportError(
+                f"{before.where} sets the learning rate to the end of training (end_epoch -1), "
+                f"past {after.where}'s start at epoch {after.start:g}; phases must not overlap."
+            )
+    ctx.set_model("lr_phases", [p.phase() for p in ordered], ordered[0].where)
+    ctx.notes.append(
+        "learning-rate modifiers are model.lr_phases ("
+        + ", ".join(f"{p.where} from epoch {p.start:g}" for p in ordered)
+        + ")."
     )
-    _cosine(mod, ctx, init, floor)
 
 
 def _build_weight_decay(mod: _Modifier, ctx: _Context) -> None:
@@ -1295,6 +1416,7 @@ def _import(
     ctx = _Context(prefix, teacher, run_end if run_end > 0 else None, modifiers)
     for mod in modifiers:
         _MODIFIERS[mod.kind].build(mod, ctx)
+    _finish_learning_rate(ctx)
     counts = {base: sum(1 for b, _ in ctx.entries if b == base) for base in _ENTRY_NAMES}
     seen: dict[str, int] = {}
     recipe: dict[str, dict[str, Any]] = {}

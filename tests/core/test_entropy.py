@@ -211,3 +211,21 @@ def test_inconsistent_metadata_raises(edit: object, message: str) -> None:
 def test_invalid_inputs_are_named(values: np.ndarray, mask: np.ndarray, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         encode_sparse(values, mask)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.6, 0.98, 1.0])
+def test_positions_round_trip_and_cost_about_their_entropy(sparsity: float) -> None:
+    from lightning_sparse.core.entropy import decode_positions, encode_positions
+
+    _, mask = _sparse(sparsity, shape=(300, 200))
+    blob, header = encode_positions(mask)
+    assert np.array_equal(decode_positions(blob, header, mask.size), mask.ravel())
+    if 0 < sparsity < 1:
+        # Order-0 bound of the bitmask, n * H(p): gaps code close to it.
+        p = float(mask.mean())
+        bound = mask.size * -(p * np.log2(p) + (1 - p) * np.log2(1 - p)) / 8
+        assert blob.size < 1.1 * bound + 300
+    if mask.any():
+        last = int(np.flatnonzero(mask.ravel())[-1])
+        with pytest.raises(ValueError, match="past"):
+            decode_positions(blob, header, last)

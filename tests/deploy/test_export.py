@@ -221,7 +221,7 @@ def test_a_failed_export_leaves_no_half_written_files(
     def fail(*args: Any) -> int:
         raise OSError("disk full")
 
-    monkeypatch.setattr(deploy_export, "save_compressed", fail)
+    monkeypatch.setattr(deploy_export, "write_compressed", fail)
     with pytest.raises(OSError, match="disk full"):
         export_model(_digits_module(), datamodule, out_dir, latency_runs=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temporary directory

@@ -20,7 +20,7 @@ from lightning_sparse.callbacks import (
 )
 from lightning_sparse.data.synthetic import SyntheticDataModule
 from lightning_sparse.models import MLP
-from lightning_sparse.module import ClassificationModule
+from lightning_sparse.module import ClassificationModule, parse_lr_phases
 from lightning_sparse.recipe import check_against_model, instantiate_recipe
 from lightning_sparse.run.sparseml import (
     SUPPORTED_MODIFIERS,
@@ -820,13 +820,18 @@ def test_cosine_learning_rate_over_the_run(tmp_path: Path) -> None:
     }
 
 
-def test_per_phase_learning_rate_is_refused(tmp_path: Path) -> None:
-    # As in the published ResNet-50 card: MultiStepLR from the start of QAT.
+def test_per_phase_learning_rates_become_lr_phases(tmp_path: Path) -> None:
+    # As in the published ResNet-50 card: a cosine, a warm restart where pruning ends, and
+    # MultiStepLR from the start of QAT (milestones are epochs of the recipe).
     path = write(
         tmp_path,
         """
         training_modifiers:
           - !EpochRangeModifier {start_epoch: 0.0, end_epoch: 135.0}
+          - !LearningRateFunctionModifier
+            {start_epoch: 0, end_epoch: 40, lr_func: cosine, init_lr: 0.008, final_lr: 0.0008}
+          - !LearningRateFunctionModifier
+            {start_epoch: 40, end_epoch: 100, lr_func: linear, init_lr: 0.004, final_lr: 0.0}
           - !LearningRateModifier
             start_epoch: 100
             lr_class: MultiStepLR
@@ -834,36 +839,143 @@ def test_per_phase_learning_rate_is_refused(tmp_path: Path) -> None:
             init_lr: 0.01
         """,
     )
-    with pytest.raises(RecipeImportError) as info:
-        load_file(path)
-    message = str(info.value)
-    assert "training_modifiers[1] (LearningRateModifier): lr_class='MultiStepLR'" in message
-    assert (
-        "from epoch 100 cannot be expressed; supported: a learning rate set at the start" in message
-    )
-    assert "learning rates per phase are not supported yet" in message
+    phases = load_file(path)["model"]["lr_phases"]
+    assert phases == [
+        {
+            "start_epoch": 0.0,
+            "lr": 0.008,
+            "schedule": "cosine",
+            "min_lr_ratio": 0.1,
+            "end_epoch": 40,
+        },
+        {
+            "start_epoch": 40,
+            "lr": 0.004,
+            "schedule": "linear",
+            "min_lr_ratio": 0.0,
+            "end_epoch": 100,
+        },
+        {"start_epoch": 100, "lr": 0.01},
+        {"start_epoch": 107.0, "lr": pytest.approx(0.001)},
+        {"start_epoch": 114.0, "lr": pytest.approx(0.0001)},
+        {"start_epoch": 125.0, "lr": pytest.approx(0.00001)},
+    ]
+    parse_lr_phases(phases)  # what ClassificationModule accepts
 
 
-def test_learning_rate_set_mid_run_is_refused(tmp_path: Path) -> None:
-    path = write(
-        tmp_path, "modifiers:\n  - !SetLearningRateModifier {start_epoch: 5, learning_rate: 0.1}\n"
-    )
-    with pytest.raises(
-        RecipeImportError, match=r"sets the learning rate at start_epoch=5; supported"
-    ):
-        load_file(path)
-
-
-def test_linear_learning_rate_is_refused(tmp_path: Path) -> None:
+def test_warm_restarts_and_step_schedules_become_phases(tmp_path: Path) -> None:
+    approx = pytest.approx
     path = write(
         tmp_path,
         """
         modifiers:
-          - !LearningRateFunctionModifier
-            {start_epoch: 0, end_epoch: 30, lr_func: linear, init_lr: 0.00005, final_lr: 0.0}
+          - !EpochRangeModifier {start_epoch: 0, end_epoch: 12}
+          - !SetLearningRateModifier {start_epoch: 0, learning_rate: 0.1}
+          - !LearningRateModifier
+            start_epoch: 2
+            lr_class: CosineAnnealingWarmRestarts
+            lr_kwargs: {T_0: 2, T_mult: 2, eta_min: 0.01}
+            init_lr: 0.05
+            end_epoch: 8
+          - !LearningRateModifier
+            start_epoch: 8
+            lr_class: StepLR
+            lr_kwargs: {step_size: 2, gamma: 0.5}
+            init_lr: 0.02
         """,
     )
-    with pytest.raises(RecipeImportError, match=r"lr_func='linear' over epochs 0 to 30 cannot be"):
+    assert load_file(path)["model"]["lr_phases"] == [
+        {"start_epoch": 0.0, "lr": 0.1},
+        {
+            "start_epoch": 2,
+            "lr": 0.05,
+            "schedule": "cosine",
+            "min_lr_ratio": approx(0.2),
+            "end_epoch": 4,
+        },
+        {
+            "start_epoch": 4,
+            "lr": 0.05,
+            "schedule": "cosine",
+            "min_lr_ratio": approx(0.2),
+            "end_epoch": 8,
+        },
+        {"start_epoch": 8, "lr": 0.02},
+        {"start_epoch": 10, "lr": 0.01},
+    ]
+
+
+def test_a_stage_moves_its_learning_rate_and_milestones(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        first_stage:
+          first_modifiers:
+            - !EpochRangeModifier {start_epoch: 0, end_epoch: 10}
+            - !SetLearningRateModifier {start_epoch: 0, learning_rate: 0.1}
+        second_stage:
+          second_modifiers:
+            - !EpochRangeModifier {start_epoch: 0, end_epoch: 5}
+            - !LearningRateModifier
+              start_epoch: 0
+              lr_class: MultiStepLR
+              lr_kwargs: {milestones: [3], gamma: 0.1}
+              init_lr: 0.01
+        """,
+    )
+    assert load_file(path)["model"]["lr_phases"] == [
+        {"start_epoch": 0.0, "lr": 0.1},
+        {"start_epoch": 10.0, "lr": 0.01},
+        {"start_epoch": 13.0, "lr": pytest.approx(0.001)},
+    ]
+
+
+def test_learning_rate_set_mid_run_is_a_phase(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, "modifiers:\n  - !SetLearningRateModifier {start_epoch: 5, learning_rate: 0.1}\n"
+    )
+    assert load_file(path)["model"] == {"lr_phases": [{"start_epoch": 5.0, "lr": 0.1}]}
+
+
+@pytest.mark.parametrize(
+    ("modifiers", "message"),
+    [
+        (
+            "- !LearningRateFunctionModifier\n"
+            "  {start_epoch: 0, end_epoch: 5, lr_func: linear, init_lr: 0.0, final_lr: 0.1}",
+            r"lr_func='linear' from 0 to 0.1 cannot be expressed; a phase decays",
+        ),
+        (
+            "- !LearningRateFunctionModifier\n"
+            "  {start_epoch: 0, end_epoch: 5, lr_func: cyclic_linear, init_lr: 0.1, final_lr: 0}",
+            r"lr_func='cyclic_linear' over epochs 0 to 5 cannot be expressed",
+        ),
+        (
+            "- !LearningRateModifier {lr_class: ExponentialLR, lr_kwargs: {gamma: 0.9}, "
+            "init_lr: 0.1}",
+            r"lr_class='ExponentialLR' with lr_kwargs=\{'gamma': 0.9\} from epoch 0 cannot",
+        ),
+        (
+            "- !LearningRateFunctionModifier\n"
+            "  {start_epoch: 0, end_epoch: 6, lr_func: cosine, init_lr: 0.1, final_lr: 0}\n"
+            "- !SetLearningRateModifier {start_epoch: 4, learning_rate: 0.1}",
+            r"modifiers\[0\] \(LearningRateFunctionModifier\) sets the learning rate until "
+            r"epoch 6, past modifiers\[1\] \(SetLearningRateModifier\)'s start at epoch 4",
+        ),
+        (
+            "- !SetLearningRateModifier {start_epoch: 4, learning_rate: 0.1}\n"
+            "- !SetLearningRateModifier {start_epoch: 4, learning_rate: 0.2}",
+            r"sets the learning rate from epoch 4, as modifiers\[0\]",
+        ),
+    ],
+)
+def test_learning_rates_that_cannot_be_phases_are_refused(
+    tmp_path: Path, modifiers: str, message: str
+) -> None:
+    text = "modifiers:\n" + textwrap.indent(modifiers, "  ") + "\n"
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeImportError, match=message):
         load_file(path)
 
 
