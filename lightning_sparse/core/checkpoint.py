@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lightning_sparse.core.fake_quant import STATE_FORMAT, restore
+from lightning_sparse.core.structure import changes_in_checkpoint, replay
 
 # Where `python -m lightning_sparse.train` (and `.oneshot`) leave the final checkpoint of a run.
 CHECKPOINT_IN_RUN_DIR = Path("checkpoints") / "last.ckpt"
@@ -67,6 +68,9 @@ def _quantization_states(checkpoint: Mapping[str, Any]) -> list[Mapping[str, Any
 def load_checkpoint(module: nn.Module, path: str | Path) -> list[str]:
     """Load a Lightning checkpoint's weights into ``module`` and restore its quantization.
 
+    Structure changes the checkpoint records (channels removed during training) are replayed on
+    ``module`` first, so the model its config builds takes the changed weights.
+
     Args:
         module: the configured model (same class and sizes as the run's).
         path: the checkpoint (read with ``weights_only=True``).
@@ -77,11 +81,13 @@ def load_checkpoint(module: nn.Module, path: str | Path) -> list[str]:
     Raises:
         FileNotFoundError: no such file.
         CheckpointMismatchError: the weights do not fit ``module``.
+        StructureError: a recorded structure change does not fit ``module``.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"`ckpt_path`={str(path)!r} is not a file.")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    replay(module, changes_in_checkpoint(checkpoint))
     state = checkpoint.get("state_dict", checkpoint)
     check_state_dict(state, module, source=f"checkpoint {path.name}")
     module.load_state_dict(state, strict=True)
@@ -123,6 +129,22 @@ def read_state_dict(path: str | Path, field: str = "init_from") -> dict[str, tor
         FileNotFoundError: see :func:`checkpoint_path`.
         ValueError: the file is not a checkpoint (not loadable, or no tensors in it).
     """
+    return read_checkpoint(path, field)[0]
+
+
+def read_checkpoint(
+    path: str | Path, field: str = "init_from"
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """The weights at ``path`` (see :func:`read_state_dict`) and the structure changes it records.
+
+    The changes (empty for a plain ``state_dict`` or an unchanged model) rebuild the changed
+    architecture on a model built from its config (``core.structure.replay``) before the weights
+    load.
+
+    Raises:
+        FileNotFoundError: see :func:`checkpoint_path`.
+        ValueError: the file is not a checkpoint, or its structure log is unreadable.
+    """
     file = checkpoint_path(path, field)
     try:
         loaded = torch.load(file, map_location="cpu", weights_only=True)
@@ -138,4 +160,5 @@ def read_state_dict(path: str | Path, field: str = "init_from") -> dict[str, tor
             f"`{field}`={str(path)!r}: {file} holds no weights (expected a Lightning checkpoint "
             "with a `state_dict`, or a state_dict of tensors)."
         )
-    return {str(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    weights = {str(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return weights, changes_in_checkpoint(loaded) if isinstance(loaded, Mapping) else []
