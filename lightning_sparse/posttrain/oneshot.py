@@ -26,7 +26,7 @@ from lightning_sparse.core.criteria import (
     needs_calibration,
 )
 from lightning_sparse.core.masks import check_compatible, parse_mask_type
-from lightning_sparse.core.targets import ALL_PRUNABLE, resolve_params
+from lightning_sparse.core.targets import ALL_PRUNABLE, output_weight_excluded, resolve_params
 from lightning_sparse.module import CHECKPOINT_IN_RUN_DIR
 from lightning_sparse.posttrain.ptq import ptq_calibrate, ptq_check
 from lightning_sparse.run import report
@@ -99,7 +99,8 @@ class OneShotPruning(OneShotStep):
         sparsity: fraction of zeros to reach, in [0, 1) (at most 1 - N/M for ``N:M``).
         criterion: ``magnitude`` or ``wanda``.
         params: parameter names, ``re:`` regexes or ``__ALL_PRUNABLE__`` (every Conv/Linear weight).
-        mask_type: ``unstructured``, ``N:M`` (e.g. ``2:4``), ``blockB`` or ``channel``.
+        mask_type: ``unstructured``, ``N:M`` (e.g. ``2:4``), ``blockB`` or ``channel`` (whole
+            output channels; the model's last Conv/Linear layer, its head, is left out).
         global_sparsity: one threshold over all ``params`` instead of ``sparsity`` per layer.
         calibration_batches: training batches whose activations ``wanda`` reads (ignored by
             ``magnitude``).
@@ -170,16 +171,23 @@ class OneShotPruning(OneShotStep):
     def target_names(self) -> list[str]:
         return list(self._targets)
 
+    def _resolve(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        # Whole output channels of the head are whole classes: channel masks leave it out.
+        channel = self._mask_type.kind == "channel"
+        return resolve_params(
+            module, self.params, exclude=output_weight_excluded(module) if channel else None
+        )
+
     @override
     def check(self, module: nn.Module) -> None:
-        targets = resolve_params(module, self.params)
+        targets = self._resolve(module)
         for name, param in targets.items():
             check_compatible(name, param.shape, self._mask_type)
         self._targets = list(targets)
 
     @override
     def apply(self, module: nn.Module, calibration: Sequence[Any]) -> dict[str, Any]:
-        targets = resolve_params(module, self.params)
+        targets = self._resolve(module)
         self._targets = list(targets)
         batches = calibration[: self.calibration_batches] if self.calibration_batches else None
         scores = criterion_scores(module, targets, self.criterion, batches)
