@@ -1,6 +1,6 @@
 """lightning_sparse: neural-network compression as PyTorch Lightning callbacks and Hydra recipes.
 
-Techniques are callbacks (``MagnitudePruning``, ``ConstantPruning``,
+Techniques are callbacks (``MagnitudePruning``, ``ConstantPruning``, ``ChannelPruning``,
 ``QuantizationAwareTraining``, ``KnowledgeDistillation``); a LightningModule that takes
 loss terms from techniques mixes in ``CompressionModule``; ``recipe.load`` builds the callbacks of a
 shipped recipe without a Hydra app.
@@ -8,6 +8,7 @@ shipped recipe without a Hydra app.
 
 from lightning_sparse import recipe
 from lightning_sparse.callbacks import (
+    ChannelPruning,
     CompressionCallback,
     ConstantPruning,
     GradualPruning,
@@ -19,6 +20,7 @@ from lightning_sparse.callbacks import (
 from lightning_sparse.module import ClassificationModule, CompressionModule
 
 __all__ = [
+    "ChannelPruning",
     "ClassificationModule",
     "CompressionCallback",
     "CompressionModule",

@@ -1,6 +1,7 @@
 """Compression techniques as Lightning callbacks, and the interface they declare."""
 
 from lightning_sparse.callbacks.base import CompressionCallback, ScheduleLimit
+from lightning_sparse.callbacks.channel import ChannelPruning
 from lightning_sparse.callbacks.distillation import KnowledgeDistillation
 from lightning_sparse.callbacks.pruning import (
     ConstantPruning,
@@ -9,8 +10,10 @@ from lightning_sparse.callbacks.pruning import (
     MaskPruning,
 )
 from lightning_sparse.callbacks.quantization import QuantizationAwareTraining
+from lightning_sparse.callbacks.structure import StructuralCompression
 
 __all__ = [
+    "ChannelPruning",
     "CompressionCallback",
     "ConstantPruning",
     "GradualPruning",
@@ -19,4 +22,5 @@ __all__ = [
     "MaskPruning",
     "QuantizationAwareTraining",
     "ScheduleLimit",
+    "StructuralCompression",
 ]
