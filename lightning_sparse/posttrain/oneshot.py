@@ -26,6 +26,7 @@ from lightning_sparse.core.criteria import (
     needs_calibration,
 )
 from lightning_sparse.core.masks import check_compatible, parse_mask_type
+from lightning_sparse.core.structure import applied_changes, structure_state
 from lightning_sparse.core.targets import ALL_PRUNABLE, output_weight_excluded, resolve_params
 from lightning_sparse.module import CHECKPOINT_IN_RUN_DIR
 from lightning_sparse.posttrain.ptq import ptq_calibrate, ptq_check
@@ -318,6 +319,8 @@ class OneShotRecord(Callback):
         self.reports: dict[str, Any] = {}
         # Scales of a post-training quantization step, under the key the export looks for.
         self.quantization: dict[str, Any] | None = None
+        # The model's structure changes (channels a step removed), replayed by whoever loads it.
+        self.structure: list[dict[str, Any]] = []
 
     @property
     @override
@@ -329,6 +332,8 @@ class OneShotRecord(Callback):
         state = {"name": self.recipe_name, "steps": self.steps, "reports": self.reports}
         if self.quantization is not None:
             state["quantization"] = self.quantization
+        if self.structure:
+            state["structure"] = structure_state(self.structure)
         return state
 
     @override
@@ -603,6 +608,7 @@ def execute(
         if not step.after_finetune:
             record.reports[name] = step.apply(plan.module, plan.calibration)
     names = plan.target_names
+    record.structure = applied_changes(plan.module)
     after = _measure(plan, evaluator, names)
     finetuned = None
     epochs = 0
