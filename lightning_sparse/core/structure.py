@@ -242,25 +242,30 @@ def remap_optimizer(optimizer: torch.optim.Optimizer, changes: Sequence[ParamCha
 
     The optimizer object, its param groups' settings (learning rates a scheduler set), its
     scheduler and anything else holding it stay as they are; a moment of a kept channel keeps its
-    value. A replaced parameter that no state can follow (``keep`` empty) starts with none.
+    value. A replaced parameter that no state can follow (``keep`` empty) starts with none. A
+    parameter replaced by several (a layer factorized in two: one change per new parameter, all
+    with the same ``old``) gives its place in its param group to all of them, without state.
 
     Returns:
         How many parameters of the optimizer were replaced.
     """
-    by_old = {id(change.old): change for change in changes}
+    by_old: dict[int, list[ParamChange]] = {}
+    for change in changes:
+        by_old.setdefault(id(change.old), []).append(change)
     replaced = 0
     for group in optimizer.param_groups:
         params = []
         for param in group["params"]:
-            change = by_old.get(id(param))
-            if change is None:
+            found = by_old.get(id(param))
+            if found is None:
                 params.append(param)
                 continue
             replaced += 1
-            params.append(change.new)
+            params.extend(change.new for change in found)
             old_state = optimizer.state.pop(param, None)
-            if not old_state:
+            if not old_state or len(found) > 1:
                 continue
+            change = found[0]
             new_state: dict[str, Any] = {}
             for key, value in old_state.items():
                 if isinstance(value, torch.Tensor) and value.shape == change.old.shape:

@@ -8,13 +8,16 @@ import torch
 from torch import nn
 
 from lightning_sparse.core.structure import (
+    KINDS,
     REMOVE_CHANNELS,
+    ParamChange,
     StructureError,
     applied_changes,
     apply_change,
     changes_in_checkpoint,
     count_macs,
     layer_costs,
+    register_kind,
     remap_optimizer,
     replay,
     structure_state,
@@ -215,3 +218,41 @@ def test_macs_are_counted_per_sample_and_shrink_with_the_channels() -> None:
     changed = _changed()
     assert layer_costs(changed, x)["conv"].macs == 4 * 4 * 3 * 9
     assert count_macs(changed, x) < count_macs(net, x)
+
+
+def test_a_registered_kind_replays_and_one_parameter_may_become_several() -> None:
+    # How low-rank factorization plugs in: a kind of its own, one ParamChange per new parameter.
+    def split(model: nn.Module, change: dict) -> list[ParamChange]:
+        name = change["layer"]
+        old = model.get_submodule(name)
+        assert isinstance(old, nn.Linear)
+        rank = int(change["rank"])
+        new = nn.Sequential(
+            nn.Linear(old.in_features, rank, bias=False), nn.Linear(rank, old.out_features)
+        )
+        model.register_module(name, new)
+        first, second = new
+        return [
+            ParamChange(f"{name}.0.weight", old.weight, first.weight, {}),
+            ParamChange(f"{name}.1.weight", old.weight, second.weight, {}),
+            ParamChange(f"{name}.1.bias", old.bias, second.bias, {}),
+        ]
+
+    register_kind("split_test", split)
+    try:
+        torch.manual_seed(0)
+        net = Net()
+        optimizer = torch.optim.Adam(net.parameters(), lr=0.1)
+        net(torch.randn(2, 3, 2, 2)).sum().backward()
+        optimizer.step()
+        replaced = apply_change(net, {"kind": "split_test", "layer": "fc", "rank": 2})
+        assert remap_optimizer(optimizer, replaced) == 2
+        in_optimizer = [p for group in optimizer.param_groups for p in group["params"]]
+        assert {id(p) for p in in_optimizer} == {id(p) for p in net.parameters()}
+        assert net.fc[0].weight not in optimizer.state  # no state could follow
+        fresh = Net()
+        replay(fresh, applied_changes(net))
+        fresh.load_state_dict(net.state_dict(), strict=True)
+        assert isinstance(fresh.fc, nn.Sequential)
+    finally:
+        KINDS.pop("split_test")
