@@ -64,6 +64,7 @@ def propose_channel_removal(
     dense_macs: int,
     round_to: int = 1,
     taylor: dict[str, torch.Tensor] | None = None,
+    from_dense: bool = True,
 ) -> ChannelPlan:
     """The channels to remove from ``model`` now (see ``core.channels.plan_removal``).
 
@@ -78,8 +79,13 @@ def propose_channel_removal(
         dense_macs: per-sample MACs of the dense model.
         round_to: keep channel counts multiple of this.
         taylor: accumulated ``|w * grad|`` by weight name, for ``importance="taylor"``.
+        from_dense: channel shares are of the widths before the model's earlier removals (a
+            schedule's later updates); False: of the widths as they are (a one-shot step).
     """
     copied = plain_copy(model)
+    # The graph is traced through autograd: a frozen layer would be invisible to it.
+    for param in copied.parameters():
+        param.requires_grad_(True)
     with torch.enable_grad():
         groups = channel_groups(copied, example, kept_outputs(copied, selected, head))
     return plan_removal(
@@ -90,7 +96,7 @@ def propose_channel_removal(
         target=target,
         importance=importance,
         dense_macs=dense_macs,
-        history=applied_changes(model),
+        history=applied_changes(model) if from_dense else (),
         round_to=round_to,
         taylor=taylor,
     )

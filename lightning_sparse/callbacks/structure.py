@@ -27,7 +27,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
-from lightning_sparse.callbacks.base import STRUCTURE, CompressionCallback
+from lightning_sparse.callbacks.base import MASKS, STRUCTURE, CompressionCallback
 from lightning_sparse.core.structure import (
     FORMAT,
     ParamChange,
@@ -71,6 +71,8 @@ class StructuralCompression(CompressionCallback):
 
     Raises:
         TypeError: at ``setup``, a LightningModule without the ``CompressionModule`` mixin.
+        ValueError: at ``setup``, a technique holding masks in the same run (its masks would stay
+            on the replaced tensors).
     """
 
     def __init__(self, name: str | None = None) -> None:
@@ -95,6 +97,16 @@ class StructuralCompression(CompressionCallback):
                 "lightning_sparse.module.CompressionModule. Declare "
                 "`class M(CompressionModule, LightningModule)`."
             )
+        if stage == "fit":
+            callbacks: list[Any] = trainer.callbacks  # type: ignore[attr-defined]
+            for other in callbacks:
+                if isinstance(other, CompressionCallback) and MASKS in other.changes:
+                    raise ValueError(
+                        f"{type(self).__name__} ({self.state_key}) and {type(other).__name__} "
+                        f"({other.state_key}) cannot train together yet: masks are held on the "
+                        "parameters that a structure change replaces. Remove channels first and "
+                        "prune the smaller model in a run of its own (model.init_from=<its run>)."
+                    )
 
     def apply_structure_change(
         self,

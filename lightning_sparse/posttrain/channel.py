@@ -42,7 +42,8 @@ class OneShotChannelPruning(OneShotStep):
 
     Args:
         sparsity: share of the model's MACs (``target="macs"``) or prunable channels
-            (``"channels"``) removed, in [0, 1).
+            (``"channels"``) removed, in [0, 1); of the model as it is loaded (a model whose
+            channels were removed before loses that share of what it has).
         target: ``macs`` or ``channels``.
         importance: ``l1``, ``l2`` (norm of the weights each channel owns) or ``bn_scale``
             (|gamma| of its BatchNorm). ``taylor`` needs gradients: use ``ChannelPruning`` while
@@ -145,6 +146,7 @@ class OneShotChannelPruning(OneShotStep):
             head=self.head,
             dense_macs=macs_before,
             round_to=self.round_to,
+            from_dense=False,
         )
         if plan.change["layers"]:
             apply_change(module, plan.change)

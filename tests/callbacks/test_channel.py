@@ -291,6 +291,14 @@ def test_a_module_without_the_mixin_is_refused_at_setup() -> None:
         _fit(_pruning(), TinyModule())
 
 
+def test_masks_in_the_same_run_are_refused_at_setup() -> None:
+    from lightning_sparse import MagnitudePruning
+
+    gmp = MagnitudePruning(final_sparsity=0.5, end_epoch=1)
+    with pytest.raises(ValueError, match=r"ChannelPruning .* and MagnitudePruning .* cannot train"):
+        _fit(_pruning(), callbacks=[_pruning(), gmp])
+
+
 def test_naming_the_output_layer_is_an_error_naming_it() -> None:
     with pytest.raises(
         ValueError, match=r"`params` entry 'model.fc2.weight' is the model's output"
@@ -374,5 +382,6 @@ def test_frozen_layers_lose_channels_too() -> None:
         param.requires_grad_(False)
     pruning = _pruning(importance="taylor")
     _fit(pruning, module)
+    assert module.model.conv1.out_channels < 8
     assert isinstance(module.model.conv1.weight, nn.Parameter)
     assert not module.model.conv1.weight.requires_grad
