@@ -95,6 +95,7 @@ _BACKEND_PACKAGES = (
     "onnxruntime",
     "torchao",
     "safetensors",
+    "torch-pruning",
 )
 
 
