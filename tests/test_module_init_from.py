@@ -206,3 +206,72 @@ def test_restoring_with_load_from_checkpoint(run_dir: Path, tmp_path: Path) -> N
     )
     for key, value in module.state_dict().items():
         assert torch.equal(restored.state_dict()[key], value), key
+
+
+# ------------------------------------------------------------------------------------------------
+# A checkpoint of a model whose channels were removed rebuilds its architecture wherever it loads.
+
+# conv2 (16 channels) loses 0..3, and fc1 the inputs they feed (16 pooled positions each).
+_REMOVAL = {
+    "kind": "remove_channels",
+    "layers": {
+        "model.conv2": {"out": [0, 1, 2, 3]},
+        "model.fc1": {"in": list(range(64))},
+    },
+}
+
+
+@pytest.fixture
+def changed_run(tmp_path: Path) -> tuple[ClassificationModule, Path]:
+    from lightning_sparse.core.structure import apply_change
+
+    torch.manual_seed(0)
+    module = _module()
+    apply_change(module, _REMOVAL)
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0)
+    trainer.fit(module, datamodule=SyntheticDataModule(train_size=16, batch_size=16))
+    path = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    trainer.save_checkpoint(path)
+    return module, tmp_path / "run"
+
+
+def test_init_from_and_load_checkpoint_replay_the_removed_channels(
+    changed_run: tuple[ClassificationModule, Path],
+) -> None:
+    from lightning_sparse.core.checkpoint import load_checkpoint
+    from lightning_sparse.core.structure import applied_changes
+
+    trained, run = changed_run
+    # the module's hook wrote its log into the checkpoint, beside the weights
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["structure"]["changes"] == applied_changes(trained)
+    started = _module(init_from=run)
+    exported = _module()
+    load_checkpoint(exported, run / "checkpoints" / "last.ckpt")
+    for module in (started, exported):
+        assert module.model.conv2.weight.shape == (12, 8, 3, 3)
+        assert module.model.fc1.weight.shape == (128, 12 * 16)
+        for key, value in module.state_dict().items():
+            assert torch.equal(value, trained.state_dict()[key]), key
+        assert applied_changes(module) == applied_changes(trained)
+    # a new head on the smaller body (sparse transfer of a pruned model)
+    transfer = ClassificationModule(
+        SmallCNN(num_classes=5, width=8), num_classes=5, init_from=run, reset_head=True
+    )
+    assert transfer.model.fc1.weight.shape == (128, 12 * 16)
+    assert transfer.model.fc2.weight.shape == (5, 128)
+
+
+def test_lightning_resume_rebuilds_the_structure_before_the_weights_load(
+    changed_run: tuple[ClassificationModule, Path],
+) -> None:
+    _, run = changed_run
+    module = _module()
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0)
+    trainer.fit(
+        module,
+        datamodule=SyntheticDataModule(train_size=16, batch_size=16),
+        ckpt_path=run / "checkpoints" / "last.ckpt",
+    )
+    assert module.model.conv2.weight.shape == (12, 8, 3, 3)
+    assert trainer.global_step == 2

@@ -2,6 +2,7 @@
 own callbacks this package ships (progress for logs and pipes, a quieter model summary)."""
 
 from lightning_sparse.callbacks.base import CompressionCallback, ScheduleLimit
+from lightning_sparse.callbacks.channel import ChannelPruning
 from lightning_sparse.callbacks.clustering import WeightClustering
 from lightning_sparse.callbacks.distillation import KnowledgeDistillation
 from lightning_sparse.callbacks.early_exit import EarlyExit
@@ -14,9 +15,11 @@ from lightning_sparse.callbacks.pruning import (
 )
 from lightning_sparse.callbacks.quantization import QuantizationAwareTraining
 from lightning_sparse.callbacks.regularization import SparsityRegularization
+from lightning_sparse.callbacks.structure import StructuralCompression
 from lightning_sparse.callbacks.summary import ModelSummary
 
 __all__ = [
+    "ChannelPruning",
     "CompressionCallback",
     "ConstantPruning",
     "EarlyExit",
@@ -29,6 +32,7 @@ __all__ = [
     "QuantizationAwareTraining",
     "ScheduleLimit",
     "SparsityRegularization",
+    "StructuralCompression",
     "WeightClustering",
     "progress_bar",
 ]

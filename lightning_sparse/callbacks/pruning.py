@@ -39,6 +39,7 @@ from lightning_sparse.core.masks import (
 from lightning_sparse.core.schedule import INTERPOLATIONS, SparsitySchedule
 from lightning_sparse.core.targets import (
     ALL_PRUNABLE,
+    output_weight_excluded,
     resolve_params,
     unknown_weights_note,
     weight_layouts,
@@ -246,14 +247,17 @@ class GradualPruning(MaskPruning):
             :mod:`lightning_sparse.core.layers`).
         global_sparsity: one magnitude threshold over all ``params`` instead of one per layer.
         mask_type: ``unstructured``, ``N:M`` (e.g. ``2:4``, along the input dimension),
-            ``blockB`` (e.g. ``block4``) or ``channel`` (whole output channels).
+            ``blockB`` (e.g. ``block4``) or ``channel`` (whole output channels; the model's output
+            layer is left out, since zeroing its rows would remove classes).
         leave_enabled: keep enforcing the final masks after ``end_epoch``.
         name: distinguishes two instances in checkpoints and logs.
+        head: with ``mask_type="channel"``, the output layer's name (``model.fc``); None: the
+            model's last Conv/Linear layer.
 
     Raises:
         ValueError: an argument is out of range or unknown (the message names it), at construction;
-            at ``setup``: ``params`` match nothing, ``mask_type`` does not tile a target, or the
-            schedule ends after ``max_epochs``.
+            at ``setup``: ``params`` match nothing (or name the output layer, for channel masks),
+            ``mask_type`` does not tile a target, or the schedule ends after ``max_epochs``.
 
     Example::
 
@@ -276,6 +280,7 @@ class GradualPruning(MaskPruning):
         mask_type: str = "unstructured",
         leave_enabled: bool = True,
         name: str | None = None,
+        head: str | None = None,
     ) -> None:
         super().__init__(params=params, name=name)
         for field, value in (("final_sparsity", final_sparsity), ("init_sparsity", init_sparsity)):
@@ -309,6 +314,9 @@ class GradualPruning(MaskPruning):
         self.global_sparsity = bool(global_sparsity)
         self.mask_type = str(mask_type)
         self.leave_enabled = bool(leave_enabled)
+        if head is not None and (not isinstance(head, str) or not head):
+            raise ValueError(f"`head`={head!r} is not allowed; give a layer name or null.")
+        self.head = head
         self._mask_type = parsed
         self.schedule = SparsitySchedule(
             init_sparsity=self.init_sparsity,
@@ -349,6 +357,14 @@ class GradualPruning(MaskPruning):
     @override
     def schedule_limits(self) -> list[ScheduleLimit]:
         return [ScheduleLimit("end_epoch", self.end_epoch_, False, "the schedule must end within")]
+
+    @override
+    def resolve_targets(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        # Whole output channels of the head are whole classes: channel masks leave it out.
+        exclude = (
+            output_weight_excluded(model, self.head) if self._mask_type.kind == "channel" else None
+        )
+        return resolve_params(model, self.params, exclude=exclude)
 
     @override
     def check_model(self, model: nn.Module) -> None:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lightning_sparse.core.fake_quant import STATE_FORMAT, restore
+from lightning_sparse.core.structure import changes_in_checkpoint, replay
 
 # Where `python -m lightning_sparse.train` (and `.oneshot`) leave the final checkpoint of a run.
 CHECKPOINT_IN_RUN_DIR = Path("checkpoints") / "last.ckpt"
@@ -83,6 +84,9 @@ def quantized_layers_in(path: str | Path) -> list[str]:
 def load_checkpoint(module: nn.Module, path: str | Path) -> list[str]:
     """Load a Lightning checkpoint's weights into ``module`` and restore its quantization.
 
+    Structure changes the checkpoint records (channels removed during training) are replayed on
+    ``module`` first, so the model its config builds takes the changed weights.
+
     Args:
         module: the configured model (same class and sizes as the run's).
         path: the checkpoint (read with ``weights_only=True``) or a run dir holding
@@ -95,9 +99,11 @@ def load_checkpoint(module: nn.Module, path: str | Path) -> list[str]:
         FileNotFoundError: nothing at ``path`` (see :func:`checkpoint_path`).
         NotACheckpointError: the file does not open as a checkpoint.
         CheckpointMismatchError: the weights do not fit ``module``.
+        StructureError: a recorded structure change does not fit ``module``.
     """
     path = readable_checkpoint(path, field="ckpt_path")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    replay(module, changes_in_checkpoint(checkpoint))
     state = checkpoint.get("state_dict", checkpoint)
     check_state_dict(state, module, source=f"checkpoint {path.name}")
     module.load_state_dict(state, strict=True)
@@ -175,10 +181,27 @@ def read_state_dict(path: str | Path, field: str = "init_from") -> dict[str, tor
         NotACheckpointError: see :func:`readable_checkpoint`.
         ValueError: the file holds no tensors.
     """
+    return read_checkpoint(path, field)[0]
+
+
+def read_checkpoint(
+    path: str | Path, field: str = "init_from"
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """The weights at ``path`` (see :func:`read_state_dict`) and the structure changes it records.
+
+    The changes (empty for a plain ``state_dict``, a ``save_pretrained`` folder or an unchanged
+    model) rebuild the changed architecture on a model built from its config
+    (``core.structure.replay``) before the weights load.
+
+    Raises:
+        FileNotFoundError: see :func:`checkpoint_path`.
+        NotACheckpointError: see :func:`readable_checkpoint`.
+        ValueError: the file holds no tensors, or its structure log is unreadable.
+    """
     file = checkpoint_path(path, field)
     if file.name in PRETRAINED_FILES:
         try:
-            return _read_safetensors(file)
+            return _read_safetensors(file), []
         except Exception as err:
             raise NotACheckpointError(
                 f"`{field}`={str(path)!r}: not a checkpoint: {file} does not load ({err})."
@@ -193,7 +216,8 @@ def read_state_dict(path: str | Path, field: str = "init_from") -> dict[str, tor
             f"`{field}`={str(path)!r}: {file} holds no weights (expected a Lightning checkpoint "
             "with a `state_dict`, or a state_dict of tensors)."
         )
-    return {str(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    weights = {str(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return weights, changes_in_checkpoint(loaded) if isinstance(loaded, Mapping) else []
 
 
 def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:

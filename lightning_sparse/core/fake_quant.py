@@ -190,7 +190,8 @@ class LayerQuantizer:
         qmin, qmax = self.spec.weight_qrange
         if self.spec.symmetric:
             scale = torch.clamp(flat.abs().amax(dim=1) / qmax, min=_MIN_SCALE)
-            zero_point = torch.zeros_like(self.weight_zero_point)
+            # Sized by the weight as it is now: channel removal may have shrunk the layer.
+            zero_point = torch.zeros(scale.shape, dtype=torch.int32, device=scale.device)
         else:
             scale, zero_point = _affine_qparams(flat.amin(dim=1), flat.amax(dim=1), qmin, qmax)
         self.weight_scale = scale.to(torch.float32)
@@ -269,11 +270,12 @@ class LayerQuantizer:
     def load_state_dict(self, state: Mapping[str, Any], name: str) -> None:
         """Restore :meth:`state_dict` output exactly (bit for bit)."""
         scale = torch.as_tensor(state["weight_scale"], dtype=torch.float32)
-        if scale.shape != self.weight_scale.shape:
+        # The layer as it is now (its channels may have been removed since it was installed).
+        expected = [int(self.weight.shape[0]) if self.spec.per_channel else 1]
+        if list(scale.shape) != expected:
             raise QuantizationError(
                 f"layer {name!r}: the saved weight scales have shape {list(scale.shape)}, this "
-                f"layer needs {list(self.weight_scale.shape)} "
-                f"(per_channel={self.spec.per_channel})."
+                f"layer needs {expected} (per_channel={self.spec.per_channel})."
             )
         device = self.weight.device
         self.weight_scale = scale.to(device)

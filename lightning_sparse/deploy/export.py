@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from lightning_sparse.core.fake_quant import LayerQuantizer, quantized_layers
 from lightning_sparse.deploy.compressed import COMPRESSED_FILE, dense_bytes, write_compressed
+from lightning_sparse.deploy.dense import DENSE_SESSION, dense_session, size_fields, speed_fields
 from lightning_sparse.deploy.onnx_int8 import (
     ExportError,
     call_model,
@@ -179,6 +180,7 @@ def export_model(
     batch_size: int = 64,
     latency_runs: int = 50,
     threads: int | None = None,
+    dense: nn.Module | None = None,
 ) -> dict[str, Any]:
     """Write ``model.onnx``, ``model_int8.onnx`` (if quantized), ``compressed.safetensors``.
 
@@ -198,6 +200,8 @@ def export_model(
         batch_size: batch of the latency measurement.
         latency_runs: timed runs per model (after a warm-up).
         threads: ONNX Runtime intra-op threads (None: its default, all cores).
+        dense: the dense model of the same run (its snapshot, or one built from the same config),
+            exported in fp32 and timed beside the others (not written to ``out_dir``).
 
     Returns:
         ``onnx_fp32_path``, ``onnx_int8_path``, ``compressed_path``, ``onnx_fp32_acc``,
@@ -205,9 +209,11 @@ def export_model(
         (top-1 agreement with PyTorch's fake-quantized model), ``ort_fp32_ms``, ``ort_int8_ms``,
         ``latency_batch_size``, ``dense_bytes``, ``compressed_bytes``, ``compression_ratio``,
         ``compression`` (bits per weight of the compressed file next to the entropy bound of
-        what it coded, in all and per tensor: :meth:`CompressedFile.summary`).
-        Int8 fields are None when the model is not quantized; accuracies when batches have no
-        labels.
+        what it coded, in all and per tensor: :meth:`CompressedFile.summary`);
+        ``macs`` and ``params`` (per sample, Conv/Linear; ``deploy.dense``), and with ``dense``
+        ``macs_dense``, ``params_dense``, ``ort_dense_fp32_ms``, ``speedup_vs_dense`` (None
+        without). Int8 fields are None when the model is not quantized; accuracies when batches
+        have no labels.
 
     Raises:
         ValueError: ``batch_size`` or ``latency_runs`` < 1; a quantized layer was never
@@ -243,7 +249,7 @@ def export_model(
     module.cpu().eval()
     try:
         with _atomic_dir(out_dir) as tmp:
-            summary = _export(module, data, tmp, layers, batch_size, latency_runs, threads)
+            summary = _export(module, data, tmp, layers, batch_size, latency_runs, threads, dense)
             for key in ("onnx_fp32_path", "onnx_int8_path", "compressed_path"):
                 if summary[key] is not None:
                     summary[key] = str(out_dir / Path(summary[key]).name)
@@ -263,6 +269,7 @@ def _export(
     batch_size: int,
     latency_runs: int,
     threads: int | None,
+    dense: nn.Module | None = None,
 ) -> dict[str, Any]:
     import onnx
 
@@ -306,13 +313,25 @@ def _export(
             for name, logits in outputs.items():
                 correct[name] += int(((logits.argmax(-1) == labels) & counted).sum())
         total += int(counted.sum())
-    latency = interleaved_latency_ms(sessions, _latency_inputs(data, batch_size), runs=latency_runs)
+    with tempfile.TemporaryDirectory() as dense_dir:
+        timed: dict[str, Any] = dict(sessions)
+        if dense is not None:
+            with _quiet():
+                timed[DENSE_SESSION] = dense_session(dense, example, Path(dense_dir), threads)
+        latency = interleaved_latency_ms(
+            timed, _latency_inputs(data, batch_size), runs=latency_runs
+        )
+    if isinstance(example, torch.Tensor):
+        with _float_mode(module):
+            sizes = size_fields(module, dense, example[:1])
+    else:  # MACs are counted by calling the model on one tensor; named inputs are not counted
+        sizes = dict.fromkeys(("macs", "macs_dense", "params", "params_dense"))
     if max_diff > 1e-4:
         log.warning("model.onnx differs from PyTorch by up to %.3g (> 1e-4).", max_diff)
     compressed_path = tmp / COMPRESSED_FILE
     written = write_compressed(module, compressed_path)
     compressed = written.bytes
-    dense = dense_bytes(module)
+    stored_dense = dense_bytes(module)
 
     def accuracy(name: str) -> float | None:
         return correct[name] / total if labelled and name in sessions and total else None
@@ -328,9 +347,11 @@ def _export(
         "ort_fp32_ms": latency["fp32"],
         "ort_int8_ms": latency.get("int8"),
         "latency_batch_size": batch_size,
-        "dense_bytes": dense,
+        "dense_bytes": stored_dense,
         "compressed_bytes": compressed,
-        "compression_ratio": dense / compressed,
+        "compression_ratio": stored_dense / compressed,
         "compression": written.summary(),
         "quantized_layers": list(layers),
+        **sizes,
+        **speed_fields(latency),
     }

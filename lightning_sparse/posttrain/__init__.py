@@ -1,5 +1,6 @@
 """Post-training compression (a library): one-shot steps and post-training quantization."""
 
+from lightning_sparse.posttrain.channel import OneShotChannelPruning
 from lightning_sparse.posttrain.oneshot import (
     OneShotPruning,
     OneShotQuantization,
@@ -11,6 +12,7 @@ from lightning_sparse.posttrain.oneshot import (
 from lightning_sparse.posttrain.ptq import ptq, ptq_calibrate, ptq_check
 
 __all__ = [
+    "OneShotChannelPruning",
     "OneShotPruning",
     "OneShotQuantization",
     "OneShotStep",

@@ -26,8 +26,10 @@ from lightning_sparse.core.criteria import (
     needs_calibration,
 )
 from lightning_sparse.core.masks import check_compatible, parse_mask_type
+from lightning_sparse.core.structure import applied_changes, structure_state
 from lightning_sparse.core.targets import (
     ALL_PRUNABLE,
+    output_weight_excluded,
     resolve_params,
     unknown_weights_note,
     weight_layouts,
@@ -106,7 +108,8 @@ class OneShotPruning(OneShotStep):
         sparsity: fraction of zeros to reach, in [0, 1) (at most 1 - N/M for ``N:M``).
         criterion: ``magnitude`` or ``wanda``.
         params: parameter names, ``re:`` regexes or ``__ALL_PRUNABLE__`` (every Conv/Linear weight).
-        mask_type: ``unstructured``, ``N:M`` (e.g. ``2:4``), ``blockB`` or ``channel``.
+        mask_type: ``unstructured``, ``N:M`` (e.g. ``2:4``), ``blockB`` or ``channel`` (whole
+            output channels; the model's last Conv/Linear layer, its head, is left out).
         global_sparsity: one threshold over all ``params`` instead of ``sparsity`` per layer.
         calibration_batches: training batches whose activations ``wanda`` reads (ignored by
             ``magnitude``).
@@ -179,9 +182,16 @@ class OneShotPruning(OneShotStep):
     def target_names(self) -> list[str]:
         return list(self._targets)
 
+    def _resolve(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        # Whole output channels of the head are whole classes: channel masks leave it out.
+        channel = self._mask_type.kind == "channel"
+        return resolve_params(
+            module, self.params, exclude=output_weight_excluded(module) if channel else None
+        )
+
     @override
     def check(self, module: nn.Module) -> None:
-        targets = resolve_params(module, self.params)
+        targets = self._resolve(module)
         layouts = weight_layouts(module, targets)
         for name, param in targets.items():
             check_compatible(name, param.shape, self._mask_type, layouts[name])
@@ -189,7 +199,7 @@ class OneShotPruning(OneShotStep):
 
     @override
     def apply(self, module: nn.Module, calibration: Sequence[Any]) -> dict[str, Any]:
-        targets = resolve_params(module, self.params)
+        targets = self._resolve(module)
         self._targets = list(targets)
         had = _zeros_fraction(targets.values())
         note = unknown_weights_note(module) if ALL_PRUNABLE in self.params else None
@@ -337,6 +347,8 @@ class OneShotRecord(Callback):
         self.reports: dict[str, Any] = {}
         # Scales of a post-training quantization step, under the key the export looks for.
         self.quantization: dict[str, Any] | None = None
+        # The model's structure changes (channels a step removed), replayed by whoever loads it.
+        self.structure: list[dict[str, Any]] = []
 
     def __repr__(self) -> str:
         return f"OneShotRecord(recipe_name={self.recipe_name!r}, steps={list(self.steps)})"
@@ -351,6 +363,8 @@ class OneShotRecord(Callback):
         state = {"name": self.recipe_name, "steps": self.steps, "reports": self.reports}
         if self.quantization is not None:
             state["quantization"] = self.quantization
+        if self.structure:
+            state["structure"] = structure_state(self.structure)
         return state
 
     @override
@@ -630,6 +644,8 @@ def execute(
     early = {n: s for n, s in plan.steps.items() if not s.after_finetune}
     for name, step in early.items():
         record.reports[name] = step.apply(plan.module, plan.calibration)
+    names = report.pruned_parameter_names(plan.module, plan.steps.values())
+    record.structure = applied_changes(plan.module)
     after = _measure(plan, evaluator, names)
     if early:
         stages.append({"stage": _stage_label(early), **after})

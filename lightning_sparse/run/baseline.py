@@ -14,21 +14,26 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig
 from typing_extensions import override
 
 from lightning_sparse.callbacks.base import compression_callbacks, fractional_epoch
+from lightning_sparse.core.structure import applied_changes, replay
 from lightning_sparse.module import copy_without_trainer, drop_instance_forwards
 
 __all__ = [
     "BASELINES",
     "DenseSnapshot",
     "compression_start",
+    "dense_factory",
+    "dense_reference",
     "evaluate_accuracy",
     "quiet_kwargs",
 ]
@@ -50,6 +55,8 @@ class DenseSnapshot(Callback):
 
     Put it before the compression callbacks so that it sees the weights before their first step.
     The weights are in the callback's checkpoint state, so a resumed run keeps the same snapshot.
+    When a technique changes the structure later (channels removed), :meth:`model` builds the
+    architecture the weights fit: a fresh model with the changes made before the snapshot.
 
     Args:
         epoch: fractional epoch of the snapshot, > 0 (where compression begins).
@@ -61,6 +68,8 @@ class DenseSnapshot(Callback):
         self.epoch = float(epoch)
         self.taken_at: float | None = None
         self.weights: dict[str, torch.Tensor] | None = None
+        # How many structure changes the model had when the snapshot was taken.
+        self.structure_changes = 0
 
     def __repr__(self) -> str:
         return f"DenseSnapshot(epoch={self.epoch:g})"
@@ -75,23 +84,76 @@ class DenseSnapshot(Callback):
         if now >= self.epoch:
             self.taken_at = now
             self.weights = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+            self.structure_changes = len(applied_changes(pl_module))
 
-    def model(self, pl_module: pl.LightningModule) -> pl.LightningModule | None:
-        """A float copy of ``pl_module`` holding the snapshot's weights; None before it is taken."""
+    def model(
+        self,
+        pl_module: pl.LightningModule,
+        build: Callable[[], pl.LightningModule] | None = None,
+    ) -> pl.LightningModule | None:
+        """A float copy of ``pl_module`` holding the snapshot's weights; None before it is taken.
+
+        Args:
+            pl_module: the trained module.
+            build: makes a fresh module of the same config, needed when the structure changed
+                after the snapshot (None: then there is no snapshot model).
+        """
         if self.weights is None:
             return None
-        clone = drop_instance_forwards(copy_without_trainer(pl_module))
+        changes = applied_changes(pl_module)
+        if len(changes) > self.structure_changes:
+            if build is None:
+                return None
+            clone = drop_instance_forwards(build())
+            replay(clone, changes[: self.structure_changes])
+        else:
+            clone = drop_instance_forwards(copy_without_trainer(pl_module))
         clone.load_state_dict(self.weights, strict=True)
         return clone
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"version": _STATE_VERSION, "taken_at": self.taken_at, "weights": self.weights}
+        return {
+            "version": _STATE_VERSION,
+            "taken_at": self.taken_at,
+            "weights": self.weights,
+            "structure_changes": self.structure_changes,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.taken_at = state_dict.get("taken_at")
         self.weights = state_dict.get("weights")
+        self.structure_changes = int(state_dict.get("structure_changes", 0))
+
+
+def dense_factory(model_config: DictConfig) -> Callable[[], pl.LightningModule]:
+    """Builds a fresh module of the run's ``model`` config, without ``init_from`` weights."""
+
+    def build() -> pl.LightningModule:
+        overrides: dict[str, Any] = {}
+        if "init_from" in model_config:
+            overrides["init_from"] = None
+        if "reset_head" in model_config:
+            overrides["reset_head"] = False
+        module: pl.LightningModule = instantiate(model_config, **overrides)
+        return module
+
+    return build
+
+
+def dense_reference(
+    snapshot: DenseSnapshot | None,
+    pl_module: pl.LightningModule,
+    build: Callable[[], pl.LightningModule],
+) -> pl.LightningModule:
+    """The dense model a run's compressed one is timed against (``export_model(dense=)``).
+
+    The snapshot's model when there is one, else a fresh one built from the same config without
+    ``init_from`` (its weights do not matter for latency or MACs).
+    """
+    dense = snapshot.model(pl_module, build) if snapshot is not None else None
+    return dense if dense is not None else build()
 
 
 def evaluate_accuracy(

@@ -103,6 +103,7 @@ _BACKEND_PACKAGES = (
     "onnxruntime",
     "torchao",
     "safetensors",
+    "torch-pruning",
 )
 
 
@@ -412,6 +413,7 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
             f"{summary['dense_bytes']:,} / {summary['compressed_bytes']:,} "
             f"({summary.get('compression_ratio', 0):.1f}x)",
         )
+        _add_speed_rows(table, summary)
     table.add_section()
     for name, value in (summary.get("sparsity_per_layer") or {}).items():
         table.add_row(f"  {name}", _percent(value))
@@ -431,6 +433,23 @@ def summary_footer(summary: Mapping[str, Any]) -> list[str]:
     if git:
         lines.append(f"git commit: {git.get('commit')}{' (dirty)' if git.get('dirty') else ''}")
     return lines
+
+
+def _add_speed_rows(table: Table, summary: Mapping[str, Any]) -> None:
+    """MACs and parameters against the dense model's, and the latency speed-up over it."""
+    for key, label in (("macs", "MACs per sample"), ("params", "parameters")):
+        value, dense = summary.get(key), summary.get(f"{key}_dense")
+        if value is None:
+            continue
+        versus = f" / dense {dense:,} ({value / dense:.1%})" if dense else ""
+        table.add_row(label, f"{value:,}{versus}")
+    dense_ms = summary.get("ort_dense_fp32_ms")
+    if dense_ms is not None:
+        batch = summary.get("latency_batch_size")
+        table.add_row(f"ONNX Runtime dense fp32 latency (batch {batch})", f"{dense_ms:.2f} ms")
+        speedup = summary.get("speedup_vs_dense")
+        if speedup is not None:
+            table.add_row("speed-up vs dense fp32", f"{speedup:.2f}x")
 
 
 def _add_dense_rows(table: Table, summary: Mapping[str, Any]) -> None:

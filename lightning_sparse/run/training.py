@@ -41,6 +41,8 @@ from lightning_sparse.run.baseline import (
     BASELINES,
     DenseSnapshot,
     compression_start,
+    dense_factory,
+    dense_reference,
     evaluate_accuracy,
     quiet_kwargs,
 )
@@ -310,6 +312,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             baseline=lambda: _baseline(
                 cfg, baseline, snapshot, trainer, module, datamodule, trainer_kwargs
             ),
+            snapshot=snapshot,
         )
     except BaseException as err:
         tracking.finish(loggers, error=err)
@@ -396,10 +399,12 @@ def _fit_test_report(
     history: report.SparsityHistory,
     loggers: Sequence[Logger],
     baseline: Callable[[], dict[str, Any]],
+    snapshot: DenseSnapshot | None = None,
 ) -> dict[str, Any]:
     """Write recipe and environment, fit, test, then summary, plots, trackers and rank report.
 
-    ``baseline`` gives the dense accuracy's summary entries (every rank, after a complete run).
+    ``baseline`` gives the dense accuracy's summary entries (every rank, after a complete run);
+    ``snapshot`` the run's dense snapshot, if it keeps one (the export times the dense model).
     """
     run_dir = job.run_dir(cfg)
     last = run_dir / CHECKPOINT_IN_RUN_DIR
@@ -452,9 +457,17 @@ def _fit_test_report(
     if trainer.is_global_zero:
         if cfg.get("export", True) and status == report.STATUS_OK:
             # ONNX fp32 (and int8 after QAT) and the compressed checkpoint, measured with ONNX
-            # Runtime; rank zero only, with no collectives, so other ranks need not wait.
+            # Runtime next to the run's dense model; rank zero only, with no collectives, so
+            # other ranks need not wait.
+            dense = dense_reference(snapshot, module, dense_factory(cfg.model))
             summary.update(
-                export_model(module, datamodule, run_dir / "export", threads=cfg.get("threads"))
+                export_model(
+                    module,
+                    datamodule,
+                    run_dir / "export",
+                    threads=cfg.get("threads"),
+                    dense=dense,
+                )
             )
             wrote.append("export")
         report.write_summary(summary, run_dir)
@@ -486,7 +499,7 @@ def _baseline(
 ) -> dict[str, Any]:
     """``dense_test_acc`` and how it was measured (``dense_baseline``), or nothing."""
     if baseline == "snapshot":
-        dense = snapshot.model(module) if snapshot is not None else None
+        dense = snapshot.model(module, dense_factory(cfg.model)) if snapshot is not None else None
         if dense is None:
             log.info("baseline=snapshot: the recipe compresses from epoch 0, so no dense snapshot.")
             return {"dense_test_acc": None, "dense_baseline": {"kind": "snapshot", "epoch": None}}

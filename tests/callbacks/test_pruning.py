@@ -164,6 +164,34 @@ def test_n_of_m_that_does_not_tile_a_layer_is_refused_at_setup() -> None:
         _fit(MagnitudePruning(final_sparsity=0.5, end_epoch=1, mask_type="2:4"), OddNet())
 
 
+def test_channel_masks_leave_the_output_layer_whole() -> None:
+    # Zeroing a row of the classifier head would remove a class: channel masks pass over it.
+    pruning = MagnitudePruning(
+        final_sparsity=0.5, start_epoch=0, end_epoch=1, update_frequency=1, mask_type="channel"
+    )
+    module = TinyModule()
+    _fit(pruning, module, max_epochs=2)
+    assert pruning.target_names == ["model.conv1.weight", "model.fc1.weight"]
+    head = module.model.fc2.weight
+    assert bool((head.abs().sum(dim=1) > 0).all())
+    assert pruning.overall_sparsity() == pytest.approx(0.5, abs=0.02)
+    # another head can be named; unstructured masks still prune the last layer
+    named = MagnitudePruning(final_sparsity=0.5, end_epoch=1, mask_type="channel", head="model.fc1")
+    assert list(named.resolve_targets(TinyModule())) == ["model.conv1.weight", "model.fc2.weight"]
+    unstructured = MagnitudePruning(final_sparsity=0.5, end_epoch=1)
+    assert "model.fc2.weight" in unstructured.resolve_targets(TinyModule())
+
+
+def test_naming_the_output_layer_for_channel_masks_is_an_error_naming_it() -> None:
+    pruning = MagnitudePruning(
+        final_sparsity=0.5, end_epoch=1, mask_type="channel", params=["model.fc2.weight"]
+    )
+    with pytest.raises(
+        ValueError, match=r"`params` entry 'model.fc2.weight' is the model's output"
+    ):
+        _fit(pruning)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -3,7 +3,13 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-from lightning_sparse.core.targets import ALL_PRUNABLE, prunable_parameters, resolve_params
+from lightning_sparse.core.targets import (
+    ALL_PRUNABLE,
+    output_layer,
+    output_weight_excluded,
+    prunable_parameters,
+    resolve_params,
+)
 from tests.helpers import TinyModule
 
 
@@ -50,3 +56,29 @@ def test_model_without_prunable_layers() -> None:
     assert prunable_parameters(nn.Sequential(nn.ReLU())) == {}
     with pytest.raises(ValueError, match="the model has no layer of a known kind"):
         resolve_params(nn.Sequential(nn.ReLU()), ALL_PRUNABLE)
+
+
+def test_the_output_layer_is_the_last_conv_or_linear_or_the_named_head() -> None:
+    module = TinyModule()
+    assert output_layer(module) == "model.fc2"
+    assert output_layer(module, "model.fc1") == "model.fc1"
+    with pytest.raises(ValueError, match=r"`head`='model.fc3' is not a Conv/Linear layer"):
+        output_layer(module, "model.fc3")
+    with pytest.raises(ValueError, match="no Conv/Linear layer"):
+        output_layer(nn.Sequential(nn.ReLU()))
+
+
+def test_excluded_weights_are_passed_over_and_naming_one_is_an_error() -> None:
+    module = TinyModule()
+    excluded = output_weight_excluded(module)
+    assert list(excluded) == ["model.fc2.weight"]
+    assert list(resolve_params(module, ALL_PRUNABLE, exclude=excluded)) == [
+        "model.conv1.weight",
+        "model.fc1.weight",
+    ]
+    assert list(resolve_params(module, ["re:model\\.fc"], exclude=excluded)) == ["model.fc1.weight"]
+    with pytest.raises(ValueError, match=r"'model.fc2.weight' is the model's output layer") as err:
+        resolve_params(module, ["model.fc1.weight", "model.fc2.weight"], exclude=excluded)
+    assert "`params` entry" in str(err.value)
+    with pytest.raises(ValueError, match=r"matches no prunable weight.*model.fc2.weight left out"):
+        resolve_params(module, ["re:model\\.fc2"], exclude=excluded)

@@ -99,6 +99,29 @@ def test_export_writes_every_file_and_summary_field(exported: Any) -> None:
     assert not list(out_dir.parent.glob(".export*"))  # no temporary directory left
 
 
+def test_without_a_dense_model_only_the_compressed_sizes_are_measured(exported: Any) -> None:
+    module, summary, _ = exported
+    assert summary["macs"] == (8 * 8 * 32 * 9) + (8 * 8 * 64 * 32 * 9) + 1024 * 128 + 128 * 10
+    assert summary["params"] == sum(p.numel() for p in module.parameters())
+    for key in ("macs_dense", "params_dense", "ort_dense_fp32_ms", "speedup_vs_dense"):
+        assert summary[key] is None
+
+
+def test_the_dense_model_is_timed_beside_and_not_written(
+    tmp_path: Path, datamodule: DigitsDataModule
+) -> None:
+    small = ClassificationModule(SmallCNN(width=8), num_classes=10)
+    dense = _digits_module()
+    summary = export_model(small, datamodule, tmp_path / "export", latency_runs=3, dense=dense)
+    assert summary["macs"] < summary["macs_dense"]
+    assert summary["params_dense"] == sum(p.numel() for p in dense.parameters())
+    assert summary["ort_dense_fp32_ms"] > 0
+    assert summary["speedup_vs_dense"] == pytest.approx(
+        summary["ort_dense_fp32_ms"] / summary["ort_fp32_ms"]
+    )
+    assert "dense.onnx" not in {p.name for p in (tmp_path / "export").iterdir()}
+
+
 def test_fp32_onnx_matches_pytorch_within_1e_4(exported: Any, datamodule: DigitsDataModule) -> None:
     module, summary, out_dir = exported
     assert summary["onnx_fp32_max_abs_diff"] < 1e-4

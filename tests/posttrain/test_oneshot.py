@@ -253,3 +253,13 @@ def test_after_finetune_steps_run_last(trained: ClassificationModule) -> None:
 def test_bad_step_arguments(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         OneShotPruning(**kwargs)
+
+
+def test_channel_masks_leave_the_output_layer_whole(trained: ClassificationModule) -> None:
+    step = OneShotPruning(0.5, mask_type="channel")
+    summary = oneshot(trained, _data(), [step])
+    assert step.target_names == LAYERS[:3]
+    assert bool((trained.model.fc2.weight.abs().sum(dim=1) > 0).all())
+    assert "model.fc2.weight" not in summary["steps"]["pruning"]["pruned"]
+    with pytest.raises(ValueError, match=r"'model.fc2.weight' is the model's output layer"):
+        prepare(trained, _data(), [OneShotPruning(0.5, mask_type="channel", params=LAYERS)])

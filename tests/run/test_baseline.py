@@ -64,6 +64,44 @@ def test_snapshot_holds_the_weights_from_just_before_the_first_pruning_step(
         assert torch.equal(resumed.weights[name], value), name
 
 
+def test_after_channels_went_the_snapshot_model_is_built_with_the_dense_architecture(
+    tmp_path: Path,
+) -> None:
+    from lightning_sparse.callbacks import ChannelPruning
+    from lightning_sparse.module import CompressionModule
+
+    class Module(CompressionModule, TinyModule):
+        pass
+
+    def run(ckpt: str | None = None, max_epochs: int = 3) -> tuple[Module, DenseSnapshot]:
+        pl.seed_everything(0)
+        module, snapshot = Module(), DenseSnapshot(1.0)
+        pruning = ChannelPruning(final_sparsity=0.5, start_epoch=1, end_epoch=2)
+        checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+        trainer = quiet_trainer(
+            max_epochs=max_epochs,
+            callbacks=[snapshot, pruning, checkpoint],
+            enable_checkpointing=True,
+        )
+        trainer.fit(module, TinyData(), ckpt_path=ckpt)
+        return module, snapshot
+
+    pruned, snapshot = run()
+    assert pruned.model.conv1.out_channels < 8
+    assert snapshot.structure_changes == 0
+    assert snapshot.model(pruned) is None  # the pruned module cannot hold the dense weights
+    dense = snapshot.model(pruned, build=Module)
+    assert dense is not None
+    assert dense.model.conv1.out_channels == 8
+    assert snapshot.weights is not None
+    assert torch.equal(dense.model.conv1.weight, snapshot.weights["model.conv1.weight"])
+    # resumed after the removal: the weights come from the checkpoint, the architecture is built
+    _, resumed = run(ckpt=str(tmp_path / "last.ckpt"), max_epochs=4)
+    again = resumed.model(pruned, build=Module)
+    assert again is not None
+    assert torch.equal(again.model.conv1.weight, dense.model.conv1.weight)
+
+
 def test_compression_starts_at_the_earliest_technique() -> None:
     callbacks = [
         MagnitudePruning(final_sparsity=0.5, start_epoch=3, end_epoch=6),

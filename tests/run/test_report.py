@@ -270,6 +270,31 @@ def test_table_shows_the_export_when_there_is_one() -> None:
     assert "ONNX" not in without.getvalue()
 
 
+def test_table_shows_macs_and_the_speed_up_over_the_dense_model() -> None:
+    summary = {
+        "test_acc": 0.97,
+        "ort_fp32_ms": 2.0,
+        "ort_int8_ms": 1.0,
+        "latency_batch_size": 64,
+        "dense_bytes": 100,
+        "compressed_bytes": 50,
+        "compression_ratio": 2.0,
+        "macs": 1_000_000,
+        "macs_dense": 4_000_000,
+        "params": 300,
+        "params_dense": 1200,
+        "ort_dense_fp32_ms": 8.0,
+        "speedup_vs_dense": 8.0,
+    }
+    out = StringIO()
+    print_summary(summary, Console(file=out, width=120))
+    text = out.getvalue()
+    assert "1,000,000 / dense 4,000,000 (25.0%)" in text
+    assert "300 / dense 1,200 (25.0%)" in text
+    assert "dense fp32 latency (batch 64)" in text
+    assert "8.00x" in text
+
+
 def test_tensor_digest_takes_scalars_and_tells_values_apart() -> None:
     assert tensor_digest(torch.tensor(0.5)) == tensor_digest(torch.tensor(0.5))
     assert tensor_digest(torch.tensor(0.5)) != tensor_digest(torch.tensor(0.25))
