@@ -351,7 +351,10 @@ class ClassificationModule(CompressionModule, pl.LightningModule):
         # Dict inputs ({input_ids, attention_mask}) are keyword arguments; a Hugging Face model
         # answers with a ModelOutput whose logits are what a classifier trains on.
         output = self.model(**x) if isinstance(x, Mapping) else self.model(x)
-        return getattr(output, "logits", output)
+        # A tensor (or torch.fx's stand-in for one while tracing, as early exit does) is the logits.
+        if isinstance(output, (torch.Tensor, torch.fx.Proxy)):
+            return output  # type: ignore[return-value]
+        return output.logits
 
     @override
     def training_step(

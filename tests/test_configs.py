@@ -80,6 +80,10 @@ USER_SUPPLIED = {
     "data=image_folder": ["data.root=unused", "data.num_classes=3"],
     # A transfer starts from a checkpoint (model.init_from); here the model is built without one.
     "recipe=sparse_transfer": ["model.reset_head=false"],
+    # Token models read their vocabulary and length from token data, and the other way round.
+    "model=bert_tiny": ["data=synthetic_text"],
+    "model=gpt2_tiny": ["data=synthetic_text"],
+    "data=synthetic_text": ["model=bert_tiny"],
 }
 # Recipes written for particular layer names, and the models they do not fit: composing them must
 # fail with an error naming the recipe's `params`.
@@ -87,6 +91,8 @@ MISFITS = {
     ("gmp_2of4", "resnet18"): "`recipe.pruning.params` entry",
     ("gmp_2of4", "mobilenet_v3_small"): "`recipe.pruning.params` entry",
     ("sparsity_reg", "mobilenet_v3_small"): "`recipe.regularization.params` entry",
+    ("sparsity_reg", "bert_tiny"): "`recipe.regularization.params` entry",
+    ("sparsity_reg", "gpt2_tiny"): "`recipe.regularization.params` entry",
 }
 
 
@@ -110,8 +116,10 @@ def test_every_group_is_chosen_somewhere() -> None:
         chosen.update(defaults_groups(f"recipe/{recipe}"))
     assert set(entry_configs()) == {"export", "oneshot", "train"}
     for group in config_groups():
-        # hydra/launcher options are chosen on the command line (hydra/launcher=slurm).
-        assert group in chosen or group.startswith("hydra/"), f"conf/{group} is used by nothing"
+        # hydra/launcher options are chosen on the command line (hydra/launcher=slurm); early exit
+        # is added to any recipe there (+compression/early_exit@recipe.early_exit=default).
+        opt_in = group.startswith("hydra/") or group == "compression/early_exit"
+        assert group in chosen or opt_in, f"conf/{group} is used by nothing"
 
 
 @pytest.mark.parametrize(

@@ -271,7 +271,7 @@ class LayerQuantizer:
         """Restore :meth:`state_dict` output exactly (bit for bit)."""
         scale = torch.as_tensor(state["weight_scale"], dtype=torch.float32)
         # The layer as it is now (its channels may have been removed since it was installed).
-        expected = [int(self.weight.shape[0]) if self.spec.per_channel else 1]
+        expected = [int(self.weight.shape[self.axis]) if self.spec.per_channel else 1]
         if list(scale.shape) != expected:
             raise QuantizationError(
                 f"layer {name!r}: the saved weight scales have shape {list(scale.shape)}, this "

@@ -384,7 +384,11 @@ class EntropyCodec(Codec):
 
     @override
     def accepts(self, key: str, tensor: torch.Tensor, context: EncodeContext) -> bool:
-        return tensor.is_floating_point() or key in context.quantized
+        quantizer = context.quantized.get(key)
+        if quantizer is not None and quantizer.axis:
+            # Output channels on another axis (Conv1D): the "q" codec stores those channel-first.
+            return False
+        return tensor.is_floating_point() or quantizer is not None
 
     @override
     def encode(

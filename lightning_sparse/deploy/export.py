@@ -274,8 +274,11 @@ def _export(
     import onnx
 
     first = next(_batches(data), None)
-    if first is None:
-        raise ValueError("the export data gave no batch; give a test split with samples.")
+    if first is None or not flatten_inputs(first[0])[1]:
+        raise ValueError(
+            f"`data` gave no batch to export with ({type(data).__name__}); give a test split "
+            "with samples, a DataLoader or an example input tensor."
+        )
     example = _map(first[0], lambda t: t[:2])
     if _size(example) < 2:  # a batch of 1 would fix the exported batch dimension
         example = _map(example, lambda t: t.repeat(2, *([1] * (t.dim() - 1))))
