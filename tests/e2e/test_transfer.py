@@ -141,7 +141,11 @@ def assert_nothing_written(run_dir: Path) -> None:
     [
         (["model.model.width=16"], InstantiationException, "'model.conv1.weight' has shape"),
         (["model.num_classes=3"], InstantiationException, "`num_classes`=3 but the backbone's"),
-        (["model.init_from=/no/such/run"], InstantiationException, "'/no/such/run' does not"),
+        (
+            ["model.init_from=/no/such/run"],
+            FileNotFoundError,
+            "`model.init_from`='/no/such/run': not found",
+        ),
     ],
     ids=["another-model", "head-class-count", "missing-checkpoint"],
 )
