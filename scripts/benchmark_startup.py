@@ -10,8 +10,8 @@ Two sections, each between its markers in ``docs/benchmarks.md`` (the rest of th
 - ``threads`` (``<!-- threads:start -->``): the wall time of the main job (``python -m
   lightning_sparse.train``, the default recipe) with ``threads=1`` and ``threads=null`` (torch's
   default, one per core), on the machine as it is and with two more CPU-bound processes running
-  (each a torch matmul loop with torch's default threads), plus the summary's test accuracy and
-  weights digest (equal digests: bit-identical weights).
+  (each a single-threaded torch matmul loop, one core's worth of work), plus the summary's test
+  accuracy and weights digest (equal digests: bit-identical weights).
 
 Every number comes from the run that writes it; the machine is shared, so each row records the
 1-minute load average when it started. Run from the repository root::
@@ -40,7 +40,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ("startup", "threads")
-BUSY = "import torch\na = torch.randn(768, 768)\nwhile True:\n    a = (a @ a).tanh()\n"
+# One core's worth of work: a single-threaded matmul loop.
+BUSY = (
+    "import torch\n"
+    "torch.set_num_threads(1)\n"
+    "a = torch.randn(768, 768)\n"
+    "while True:\n"
+    "    a = (a @ a).tanh()\n"
+)
 
 
 def _markers(name: str) -> tuple[str, str]:
@@ -161,7 +168,7 @@ def startup_section(before: Path | None, repeats: int) -> str:
 
 @contextmanager
 def busy(count: int) -> Iterator[None]:
-    """``count`` CPU-bound processes (torch matmul loops, torch's default threads) meanwhile."""
+    """``count`` CPU-bound processes (single-threaded torch matmul loops) meanwhile."""
     processes = [
         subprocess.Popen([sys.executable, "-c", BUSY], stdout=subprocess.DEVNULL)
         for _ in range(count)
@@ -190,10 +197,10 @@ def main_job(threads: str, extra: Sequence[str], timeout: float) -> tuple[str, s
         return f"{seconds:.1f} s", accuracy, str(summary.get("weights_digest", "-"))[:12]
 
 
-def threads_section(extra: Sequence[str], timeout: float) -> str:
+def threads_section(extra: Sequence[str], timeout: float, settings: Sequence[str]) -> str:
     rows = []
     for background in (0, 2):
-        for threads in ("1", "null"):
+        for threads in settings:
             with busy(background):
                 load = load_average()
                 wall, accuracy, digest = main_job(threads, extra, timeout)
@@ -238,6 +245,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per main job")
     parser.add_argument("--quick", action="store_true", help="debug=quick main jobs, 1 repeat")
+    parser.add_argument(
+        "--threads",
+        default="1,null",
+        help="comma-separated `threads` values of the main job; other than the default, the "
+        "section is written as threads-<values>, beside the default one",
+    )
     parser.add_argument("--output", type=Path, default=REPO / "docs" / "benchmarks.md")
     args = parser.parse_args(argv)
     command = "python scripts/benchmark_startup.py " + shlex.join(
@@ -251,8 +264,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             title = "Start-up: help, a misspelled override, compare (wall time, import time)"
             body = startup_section(args.before, repeats)
         else:
-            title = "The main job on a busy machine: threads=1 vs torch's default"
-            body = threads_section(["debug=quick"] if args.quick else [], args.timeout)
+            settings = args.threads.split(",")
+            title = "The main job on a busy machine: threads=" + " vs threads=".join(settings)
+            extra = ["debug=quick"] if args.quick else []
+            body = threads_section(extra, args.timeout, settings)
+            if args.threads != "1,null":
+                section = f"threads-{'-'.join(settings)}"
         text = f"{preamble(title, command.strip(), started)}\n\n{body}"
         print(text + "\n", flush=True)
         write_section(args.output, section, text)

@@ -211,7 +211,7 @@ def test_resume_mid_qat_restores_weights_and_scales_exactly(
     ("kwargs", "message"),
     [
         ({"start_epoch": -1}, r"`start_epoch`=-1 is not allowed; it must be a number >= 0"),
-        ({"start_epoch": "1"}, r"`start_epoch`='1' is not a number"),
+        ({"start_epoch": "1"}, r"`start_epoch`='1' is not a number; it must be a number >= 0"),
         (
             {"start_epoch": 2, "freeze_bn_stats_epoch": 1},
             r"`freeze_bn_stats_epoch`=1 is not allowed; it must be null or a number >= "

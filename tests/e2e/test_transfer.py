@@ -144,7 +144,7 @@ def assert_nothing_written(run_dir: Path) -> None:
         (
             ["model.init_from=/no/such/run"],
             FileNotFoundError,
-            r"`model\.init_from`='/no/such/run': not found",
+            "`model.init_from`='/no/such/run': not found",
         ),
     ],
     ids=["another-model", "head-class-count", "missing-checkpoint"],
