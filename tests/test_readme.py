@@ -20,6 +20,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
+SPARSEML_CARD = REPO / "tests" / "run" / "sparseml_recipes" / "bert_prune90_distill.md"
 
 pytestmark = pytest.mark.slow
 
