@@ -406,7 +406,6 @@ def settings_from(args: argparse.Namespace) -> Settings:
                 "recipe.channel.start_epoch=0.25",
                 "recipe.channel.end_epoch=0.5",
                 "recipe.channel.update_frequency=0.25",
-                "recipe.quantization.freeze_bn_stats_epoch=0.75",
                 "recipe.quantization.disable_quantization_observer_epoch=0.75",
             ],
         )
