@@ -29,7 +29,6 @@ CHANNEL_QAT = [
     "recipe.channel.start_epoch=0.25",
     "recipe.channel.end_epoch=0.5",
     "recipe.channel.update_frequency=0.25",
-    "recipe.quantization.freeze_bn_stats_epoch=1.5",
     "recipe.quantization.disable_quantization_observer_epoch=1.5",
 ]
 
