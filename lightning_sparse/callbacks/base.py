@@ -29,7 +29,7 @@ per epoch, both read from the trainer, so gradient accumulation, ``limit_train_b
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, NamedTuple
 
 import lightning.pytorch as pl
@@ -59,6 +59,7 @@ __all__ = [
     "fractional_epoch",
     "invalid_number",
     "is_number",
+    "step_own_parameters",
     "steps_per_epoch",
     "to_plain",
 ]
@@ -435,6 +436,33 @@ def compression_callbacks(callbacks: Any) -> list[CompressionCallback]:
     """The techniques among ``callbacks`` (a list, or a mapping's values), in order."""
     values = callbacks.values() if isinstance(callbacks, Mapping) else callbacks
     return [cb for cb in values if isinstance(cb, CompressionCallback)]
+
+
+def step_own_parameters(
+    trainer: pl.Trainer, optimizer: torch.optim.Optimizer, params: Iterable[torch.nn.Parameter]
+) -> None:
+    """Step a callback's own optimizer over parameters that live outside the model.
+
+    Such parameters (distillation's projections, early-exit heads) are not in DDP's wrapping, so
+    their gradients are averaged over the ranks here (every rank takes the same step; a no-op on
+    one process) and unscaled when fp16 AMP scaled the loss. A step with a non-finite gradient is
+    skipped, as the model's own is. Gradients are cleared afterwards either way.
+    """
+    with_grads = [p for p in params if p.grad is not None]
+    if with_grads:
+        grads = torch.cat([p.grad.reshape(-1) for p in with_grads])  # type: ignore[union-attr]
+        grads = trainer.strategy.reduce(grads, reduce_op="mean")
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None:  # fp16 AMP scaled the loss; the model's grads are unscaled
+            grads = grads / scaler.get_scale()
+        if torch.isfinite(grads).all():
+            offset = 0
+            for p in with_grads:
+                count = p.numel()
+                p.grad.copy_(grads[offset : offset + count].view_as(p))  # type: ignore[union-attr]
+                offset += count
+            optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def broadcast_masks(trainer: pl.Trainer, tensors: list[torch.Tensor]) -> None:

@@ -42,6 +42,7 @@ from lightning_sparse.callbacks.base import (
     ScheduleLimit,
     fractional_epoch,
     invalid_number,
+    step_own_parameters,
 )
 from lightning_sparse.core.batch import model_inputs
 from lightning_sparse.core.checkpoint import read_state_dict, readable_checkpoint
@@ -581,23 +582,7 @@ class KnowledgeDistillation(CompressionCallback):
         """Step the projections with the model: the gradients of every micro-batch are in."""
         if self._projection_optimizer is None:
             return
-        params = [p for p in self._projection_parameters() if p.grad is not None]
-        if params:
-            grads = torch.cat([p.grad.reshape(-1) for p in params])  # type: ignore[union-attr]
-            # The projections are not in DDP's wrapping: average their gradients here, so every
-            # rank takes the same step. A no-op on one process.
-            grads = trainer.strategy.reduce(grads, reduce_op="mean")
-            scaler = getattr(trainer.precision_plugin, "scaler", None)
-            if scaler is not None:  # fp16 AMP scaled the loss; the model's grads are unscaled
-                grads = grads / scaler.get_scale()
-            if torch.isfinite(grads).all():
-                offset = 0
-                for p in params:
-                    count = p.numel()
-                    p.grad.copy_(grads[offset : offset + count].view_as(p))  # type: ignore[union-attr]
-                    offset += count
-                self._projection_optimizer.step()
-        self._projection_optimizer.zero_grad(set_to_none=True)
+        step_own_parameters(trainer, self._projection_optimizer, self._projection_parameters())
 
     def _projection_parameters(self) -> list[nn.Parameter]:
         return [p for proj in self.projections.values() for p in proj.parameters()]

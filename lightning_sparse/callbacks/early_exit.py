@@ -32,6 +32,7 @@ from lightning_sparse.callbacks.base import (
     ScheduleLimit,
     fractional_epoch,
     is_number,
+    step_own_parameters,
     to_plain,
 )
 from lightning_sparse.core.batch import model_inputs
@@ -401,23 +402,8 @@ class EarlyExit(CompressionCallback):
         """Step the heads with the model: the gradients of every micro-batch are in."""
         if self._optimizer is None or self._heads is None:
             return
-        params = [p for head in self._heads for p in head.parameters() if p.grad is not None]
-        if params:
-            grads = torch.cat([p.grad.reshape(-1) for p in params])  # type: ignore[union-attr]
-            # The heads are outside DDP's wrapping: average their gradients here, so every rank
-            # takes the same step. A no-op on one process.
-            grads = trainer.strategy.reduce(grads, reduce_op="mean")
-            scaler = getattr(trainer.precision_plugin, "scaler", None)
-            if scaler is not None:  # fp16 AMP scaled the loss; the model's grads are unscaled
-                grads = grads / scaler.get_scale()
-            if torch.isfinite(grads).all():
-                offset = 0
-                for p in params:
-                    count = p.numel()
-                    p.grad.copy_(grads[offset : offset + count].view_as(p))  # type: ignore[union-attr]
-                    offset += count
-                self._optimizer.step()
-        self._optimizer.zero_grad(set_to_none=True)
+        params = [p for head in self._heads for p in head.parameters()]
+        step_own_parameters(trainer, self._optimizer, params)
 
     # ----------------------------------------------------------------------------------------
     # Lightning hooks: calibration on the validation split
