@@ -41,6 +41,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_sparse.core.changes import CHANGES, LOSS, MASKS, QUANTIZATION, STRUCTURE
+from lightning_sparse.core.schedule import INTERPOLATIONS, SparsitySchedule
 
 __all__ = [
     "CHANGES",
@@ -50,6 +51,7 @@ __all__ = [
     "STRUCTURE",
     "CompressionCallback",
     "ScheduleLimit",
+    "ScheduledCompression",
     "StateVersionError",
     "broadcast_masks",
     "check_state_version",
@@ -430,6 +432,92 @@ def check_timing(techniques: Mapping[str, CompressionCallback]) -> None:
                     f"{change_epoch:g}, or start {settled_label} when {changing_label} ends "
                     f"({settled_label}.start_epoch >= {change_epoch:g})."
                 )
+
+
+class ScheduledCompression(CompressionCallback):
+    """A technique that acts at the updates of a schedule rising to ``final_sparsity``.
+
+    Gradual pruning and channel removal share this: the schedule's validation (the messages name
+    each field), the window, the update guard (:meth:`should_update`, by update index, so neither
+    a resume nor a repeated check within one accumulation window applies an update twice), and
+    what the interface says about it (the weights change until ``end_epoch``, which must fall
+    within training).
+    """
+
+    def _set_schedule(
+        self,
+        init_sparsity: Any,
+        final_sparsity: Any,
+        start_epoch: Any,
+        end_epoch: Any,
+        update_frequency: Any,
+        inter_func: Any,
+        grows: str = "sparsity only grows",
+    ) -> None:
+        """Validate and keep the schedule; ``grows`` explains why init <= final in the message.
+
+        Raises:
+            ValueError: a value is out of range, not a number, or unknown; names the field.
+        """
+        for field, value in (("final_sparsity", final_sparsity), ("init_sparsity", init_sparsity)):
+            if not is_number(value) or not 0 <= value < 1:
+                raise invalid_number(field, value, "it must be in [0, 1)")
+        if init_sparsity > final_sparsity:
+            raise ValueError(
+                f"`init_sparsity`={init_sparsity} is greater than `final_sparsity`="
+                f"{final_sparsity}; {grows}, so init_sparsity <= final_sparsity."
+            )
+        if end_epoch is None:
+            raise ValueError("`end_epoch`=None is not allowed; it must be a number >= 0.")
+        self._set_window(start_epoch, end_epoch)
+        if not is_number(update_frequency) or update_frequency <= 0:
+            raise invalid_number("update_frequency", update_frequency, "it must be > 0 epochs")
+        if inter_func not in INTERPOLATIONS:
+            raise ValueError(
+                f"`inter_func`={inter_func!r} is not allowed; choose one of "
+                f"{sorted(INTERPOLATIONS)}."
+            )
+        self.final_sparsity = float(final_sparsity)
+        self.init_sparsity = float(init_sparsity)
+        self.update_frequency = float(update_frequency)
+        self.inter_func = str(inter_func)
+        self.schedule = SparsitySchedule(
+            init_sparsity=self.init_sparsity,
+            final_sparsity=self.final_sparsity,
+            start_epoch=self.start_epoch,
+            end_epoch=self.end_epoch_,
+            update_frequency=self.update_frequency,
+            inter_func=self.inter_func,
+        )
+        self._applied_index = -1
+
+    @property
+    def end_epoch_(self) -> float:
+        """``end_epoch`` as a number (always set for a schedule)."""
+        assert self.end_epoch is not None
+        return self.end_epoch
+
+    @property
+    def applied_index(self) -> int:
+        """Index of the last schedule update applied (-1 before the first)."""
+        return self._applied_index
+
+    @property
+    @override
+    def changes_weights_until(self) -> tuple[str, float] | None:
+        return ("end_epoch", self.end_epoch_)
+
+    @override
+    def schedule_limits(self) -> list[ScheduleLimit]:
+        return [ScheduleLimit("end_epoch", self.end_epoch_, False, "the schedule must end within")]
+
+    def should_update(self, trainer: pl.Trainer) -> int | None:
+        """The index of the schedule's update due now, or None (none due, or applied already).
+
+        Overridable, e.g. to skip updates.
+        """
+        due = self.schedule.due_index(fractional_epoch(trainer))
+        return None if due <= self._applied_index else due
 
 
 def compression_callbacks(callbacks: Any) -> list[CompressionCallback]:

@@ -14,15 +14,13 @@ from typing_extensions import override
 
 from lightning_sparse.callbacks.base import (
     STRUCTURE,
-    ScheduleLimit,
+    ScheduledCompression,
     fractional_epoch,
-    is_number,
     to_plain,
 )
 from lightning_sparse.callbacks.structure import StructuralCompression
 from lightning_sparse.core.channels import IMPORTANCES, TARGETS, ChannelPlan, plan_removal
 from lightning_sparse.core.pruning_backend import channel_groups, require
-from lightning_sparse.core.schedule import INTERPOLATIONS, SparsitySchedule
 from lightning_sparse.core.structure import applied_changes, count_macs
 from lightning_sparse.core.targets import (
     ALL_PRUNABLE,
@@ -107,7 +105,7 @@ def _example(batch: Any) -> torch.Tensor | None:
     return inputs[:1].detach() if isinstance(inputs, torch.Tensor) else None
 
 
-class ChannelPruning(StructuralCompression):
+class ChannelPruning(ScheduledCompression, StructuralCompression):
     """Remove the least important channels during training, until a share of the MACs is gone.
 
     Unlike ``MagnitudePruning(mask_type="channel")``, which zeroes channels and keeps computing
@@ -183,26 +181,15 @@ class ChannelPruning(StructuralCompression):
         name: str | None = None,
     ) -> None:
         super().__init__(name=name)
-        for field, value in (("final_sparsity", final_sparsity), ("init_sparsity", init_sparsity)):
-            if not is_number(value) or not 0 <= value < 1:
-                raise ValueError(f"`{field}`={value!r} is not allowed; it must be in [0, 1).")
-        if init_sparsity > final_sparsity:
-            raise ValueError(
-                f"`init_sparsity`={init_sparsity} is greater than `final_sparsity`="
-                f"{final_sparsity}; channels only go, so init_sparsity <= final_sparsity."
-            )
-        if end_epoch is None:
-            raise ValueError("`end_epoch`=None is not allowed; it must be a number >= 0.")
-        self._set_window(start_epoch, end_epoch)
-        if not is_number(update_frequency) or update_frequency <= 0:
-            raise ValueError(
-                f"`update_frequency`={update_frequency!r} is not allowed; it must be > 0 epochs."
-            )
-        if inter_func not in INTERPOLATIONS:
-            raise ValueError(
-                f"`inter_func`={inter_func!r} is not allowed; choose one of "
-                f"{sorted(INTERPOLATIONS)}."
-            )
+        self._set_schedule(
+            init_sparsity,
+            final_sparsity,
+            start_epoch,
+            end_epoch,
+            update_frequency,
+            inter_func,
+            grows="channels only go",
+        )
         if target not in TARGETS:
             raise ValueError(f"`target`={target!r} is not allowed; choose one of {TARGETS}.")
         if importance not in IMPORTANCES:
@@ -226,25 +213,12 @@ class ChannelPruning(StructuralCompression):
             )
         if head is not None and (not isinstance(head, str) or not head):
             raise ValueError(f"`head`={head!r} is not allowed; give a layer name or null.")
-        self.final_sparsity = float(final_sparsity)
-        self.init_sparsity = float(init_sparsity)
-        self.update_frequency = float(update_frequency)
-        self.inter_func = inter_func
         self.target = target
         self.importance = importance
         self.params: list[str] = plain
         self.head = head
         self.round_to = round_to
-        self.schedule = SparsitySchedule(
-            init_sparsity=self.init_sparsity,
-            final_sparsity=self.final_sparsity,
-            start_epoch=self.start_epoch,
-            end_epoch=float(end_epoch),
-            update_frequency=self.update_frequency,
-            inter_func=self.inter_func,
-        )
         self._targets: list[str] = []
-        self._applied_index = -1
         self._dense_macs: int | None = None
         self._macs: int | None = None
         self._example: torch.Tensor | None = None
@@ -252,21 +226,6 @@ class ChannelPruning(StructuralCompression):
 
     # ----------------------------------------------------------------------------------------
     # The declared interface
-
-    @property
-    def end_epoch_(self) -> float:
-        """``end_epoch`` as a number (always set for a schedule)."""
-        assert self.end_epoch is not None
-        return self.end_epoch
-
-    @property
-    @override
-    def changes_weights_until(self) -> tuple[str, float] | None:
-        return ("end_epoch", self.end_epoch_)
-
-    @override
-    def schedule_limits(self) -> list[ScheduleLimit]:
-        return [ScheduleLimit("end_epoch", self.end_epoch_, False, "the schedule must end within")]
 
     @override
     def resolve_targets(self, model: nn.Module) -> dict[str, nn.Parameter]:
@@ -286,11 +245,6 @@ class ChannelPruning(StructuralCompression):
     def target_curve(self, epochs: list[float]) -> dict[str, list[float]] | None:
         label = "target MACs removed" if self.target == "macs" else "target channels removed"
         return {label: [self.schedule.sparsity_at(e) for e in epochs]}
-
-    @property
-    def applied_index(self) -> int:
-        """Index of the last schedule update applied (-1 before the first)."""
-        return self._applied_index
 
     @property
     def dense_macs(self) -> int | None:
@@ -363,15 +317,6 @@ class ChannelPruning(StructuralCompression):
 
     # ----------------------------------------------------------------------------------------
     # Updates
-
-    def should_update(self, trainer: pl.Trainer) -> int | None:
-        """The index of the schedule's update due now, or None (none due, or applied already).
-
-        An update is identified by its index, so neither a resume nor a repeated check within one
-        accumulation window applies it twice.
-        """
-        due = self.schedule.due_index(fractional_epoch(trainer))
-        return None if due <= self._applied_index else due
 
     def _maybe_update(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         due = self.should_update(trainer)

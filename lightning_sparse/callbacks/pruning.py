@@ -22,11 +22,10 @@ from typing_extensions import override
 from lightning_sparse.callbacks.base import (
     MASKS,
     CompressionCallback,
+    ScheduledCompression,
     ScheduleLimit,
     broadcast_masks,
     fractional_epoch,
-    invalid_number,
-    is_number,
     to_plain,
 )
 from lightning_sparse.core.layers import Layout
@@ -36,7 +35,6 @@ from lightning_sparse.core.masks import (
     mask_sparsity,
     parse_mask_type,
 )
-from lightning_sparse.core.schedule import INTERPOLATIONS, SparsitySchedule
 from lightning_sparse.core.targets import (
     ALL_PRUNABLE,
     output_weight_excluded,
@@ -219,7 +217,7 @@ class MaskPruning(CompressionCallback):
         self._refresh_factors()
 
 
-class GradualPruning(MaskPruning):
+class GradualPruning(ScheduledCompression, MaskPruning):
     """Gradual pruning: raise sparsity along a schedule, keeping the highest-scoring weights.
 
     The public base for a pruning criterion: a subclass overrides :meth:`scores` (how weights are
@@ -283,34 +281,15 @@ class GradualPruning(MaskPruning):
         head: str | None = None,
     ) -> None:
         super().__init__(params=params, name=name)
-        for field, value in (("final_sparsity", final_sparsity), ("init_sparsity", init_sparsity)):
-            if not is_number(value) or not 0 <= value < 1:
-                raise invalid_number(field, value, "it must be in [0, 1)")
-        if init_sparsity > final_sparsity:
-            raise ValueError(
-                f"`init_sparsity`={init_sparsity} is greater than `final_sparsity`="
-                f"{final_sparsity}; sparsity only grows, so init_sparsity <= final_sparsity."
-            )
-        if end_epoch is None:
-            raise ValueError("`end_epoch`=None is not allowed; it must be a number >= 0.")
-        self._set_window(start_epoch, end_epoch)
-        if not is_number(update_frequency) or update_frequency <= 0:
-            raise invalid_number("update_frequency", update_frequency, "it must be > 0 epochs")
-        if inter_func not in INTERPOLATIONS:
-            raise ValueError(
-                f"`inter_func`={inter_func!r} is not allowed; choose one of "
-                f"{sorted(INTERPOLATIONS)}."
-            )
+        self._set_schedule(
+            init_sparsity, final_sparsity, start_epoch, end_epoch, update_frequency, inter_func
+        )
         parsed = parse_mask_type(mask_type)
         if final_sparsity > parsed.max_sparsity + 1e-9:
             raise ValueError(
                 f"`final_sparsity`={final_sparsity} is more than `mask_type`={mask_type!r} "
                 f"can hold: at most {parsed.max_sparsity:g} (1 - N/M)."
             )
-        self.final_sparsity = float(final_sparsity)
-        self.init_sparsity = float(init_sparsity)
-        self.update_frequency = float(update_frequency)
-        self.inter_func = inter_func
         self.global_sparsity = bool(global_sparsity)
         self.mask_type = str(mask_type)
         self.leave_enabled = bool(leave_enabled)
@@ -318,20 +297,6 @@ class GradualPruning(MaskPruning):
             raise ValueError(f"`head`={head!r} is not allowed; give a layer name or null.")
         self.head = head
         self._mask_type = parsed
-        self.schedule = SparsitySchedule(
-            init_sparsity=self.init_sparsity,
-            final_sparsity=self.final_sparsity,
-            start_epoch=self.start_epoch,
-            end_epoch=self.end_epoch_,
-            update_frequency=self.update_frequency,
-            inter_func=self.inter_func,
-        )
-        self._applied_index = -1
-
-    @property
-    def applied_index(self) -> int:
-        """Index of the last schedule update applied (-1 before the first)."""
-        return self._applied_index
 
     @property
     def applied_sparsity(self) -> float:
@@ -339,24 +304,9 @@ class GradualPruning(MaskPruning):
         return self.schedule.sparsity_at_index(self._applied_index)
 
     @property
-    def end_epoch_(self) -> float:
-        """``end_epoch`` as a number (always set for a schedule)."""
-        assert self.end_epoch is not None
-        return self.end_epoch
-
-    @property
     @override
     def in_force_until(self) -> float:
         return math.inf if self.leave_enabled else self.end_epoch_
-
-    @property
-    @override
-    def changes_weights_until(self) -> tuple[str, float] | None:
-        return ("end_epoch", self.end_epoch_)
-
-    @override
-    def schedule_limits(self) -> list[ScheduleLimit]:
-        return [ScheduleLimit("end_epoch", self.end_epoch_, False, "the schedule must end within")]
 
     @override
     def resolve_targets(self, model: nn.Module) -> dict[str, nn.Parameter]:
@@ -424,15 +374,6 @@ class GradualPruning(MaskPruning):
                 f"{self.log_name}: final sparsity {sparsity:.4f} reached at epoch "
                 f"{fractional_epoch(trainer):.3f}."
             )
-
-    def should_update(self, trainer: pl.Trainer) -> int | None:
-        """The index of the schedule's update due now, or None when none is (or it was applied).
-
-        Overridable, e.g. to skip updates; an update is identified by its index, so neither a
-        resume nor a repeated check within one accumulation window applies it twice.
-        """
-        due = self.schedule.due_index(fractional_epoch(trainer))
-        return None if due <= self._applied_index else due
 
     def scores(self, trainer: pl.Trainer) -> dict[str, torch.Tensor]:
         """Importance of every target weight (higher is kept); here, the weights' magnitude.
