@@ -41,6 +41,8 @@ from typing import Any
 
 import torch
 
+from lightning_sparse.run.markdown import write_marked_block
+
 REPO = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- deep_compression:start -->", "<!-- deep_compression:end -->"
 TASK = ("model=lenet5", "data=mnist5k")
@@ -221,15 +223,7 @@ def render(results: dict[Job, dict[str, Any]], seeds: list[int], meta: dict[str,
 
 def write_section(path: Path, markdown: str) -> None:
     """Replace this script's block of ``path`` (or append it); leave the rest as it is."""
-    block = f"{BEGIN}\n{markdown.strip()}\n{END}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    write_marked_block(path, BEGIN, END, markdown)
 
 
 def main(argv: list[str] | None = None) -> None:

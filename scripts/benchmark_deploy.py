@@ -47,6 +47,8 @@ from typing import Any
 
 import numpy as np
 
+from lightning_sparse.run.markdown import write_marked_block
+
 REPO = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- deploy:start -->", "<!-- deploy:end -->"
 DEFAULT_OUTPUT = Path("docs/benchmarks.md")
@@ -378,16 +380,7 @@ def deploy_markdown(results: dict[str, Any]) -> str:
 
 def write_section(path: Path, markdown: str) -> None:
     """Replace the deploy block of ``path`` (or append it); leave the rest of the file as it is."""
-    block = f"{BEGIN}\n{markdown.strip()}\n{END}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1]
-        text = head + block + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    write_marked_block(path, BEGIN, END, markdown)
 
 
 def settings_from(args: argparse.Namespace) -> Settings:

@@ -39,6 +39,8 @@ from typing import Any
 
 import torch
 
+from lightning_sparse.run.markdown import write_marked_block
+
 REPO = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- distill:start -->", "<!-- distill:end -->"
 # label -> (recipe, its own overrides)
@@ -198,15 +200,7 @@ def render(
 
 def write_section(path: Path, markdown: str) -> None:
     """Replace the distill block of ``path`` (or append it); leave the rest of the file as it is."""
-    block = f"{BEGIN}\n{markdown.strip()}\n{END}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    write_marked_block(path, BEGIN, END, markdown)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from lightning_sparse.run.markdown import write_marked_block
+
 REPO = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- lr_phases:start -->", "<!-- lr_phases:end -->"
 SCHEDULE = (20.0, 45.0, 60)  # pruning start, pruning end, max_epochs: the main job's
@@ -176,15 +178,7 @@ def render(
 
 def write_section(path: Path, markdown: str) -> None:
     """Replace this script's block of ``path`` (or append it); leave the rest as it is."""
-    block = f"{BEGIN}\n{markdown.strip()}\n{END}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    write_marked_block(path, BEGIN, END, markdown)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -50,6 +50,7 @@ from lightning_sparse.deploy.export import export_model
 from lightning_sparse.models import MLP, SmallCNN
 from lightning_sparse.module import ClassificationModule
 from lightning_sparse.posttrain.ptq import ptq
+from lightning_sparse.run.markdown import write_marked_block
 from lightning_sparse.run.recipe import load
 
 BEGIN, END = "<!-- quant:start -->", "<!-- quant:end -->"
@@ -397,16 +398,7 @@ def run(settings: Settings, command: str) -> dict[str, Any]:
 
 def write_section(path: Path, markdown: str) -> None:
     """Replace the quant block of ``path`` (or append it); leave the rest of the file as it is."""
-    block = f"{BEGIN}\n{markdown.strip()}\n{END}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1]
-        text = head + block + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    write_marked_block(path, BEGIN, END, markdown)
 
 
 def settings_from(args: argparse.Namespace) -> Settings:

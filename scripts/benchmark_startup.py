@@ -38,6 +38,8 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
+from lightning_sparse.run.markdown import write_marked_block
+
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ("startup", "threads")
 # One core's worth of work: a single-threaded matmul loop.
@@ -56,16 +58,7 @@ def _markers(name: str) -> tuple[str, str]:
 
 def write_section(path: Path, name: str, text: str) -> None:
     """Replace section ``name`` in ``path`` (append it when new); keep everything else."""
-    start, end = _markers(name)
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{start}\n{text.strip()}\n{end}"
-    if start in old and end in old:
-        before, rest = old.split(start, 1)
-        _, after = rest.split(end, 1)
-        new = before + block + after
-    else:
-        new = old.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(new)
+    write_marked_block(path, *_markers(name), text)
 
 
 def load_average() -> float:

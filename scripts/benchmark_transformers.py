@@ -44,6 +44,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 
 from lightning_sparse.deploy import ort
+from lightning_sparse.run.markdown import write_marked_block
 from lightning_sparse.run.recipe import compose_config
 from lightning_sparse.run.training import run as run_job
 
@@ -220,16 +221,7 @@ def transformers_markdown(results: dict[str, Any]) -> str:
 
 def write_section(path: Path, markdown: str) -> None:
     """Replace the block of ``path`` (or append it); leave the rest of the file as it is."""
-    block = f"{BEGIN}\n{markdown.strip()}\n{END}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1]
-        text = head + block + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    write_marked_block(path, BEGIN, END, markdown)
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
