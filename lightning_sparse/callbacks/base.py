@@ -42,6 +42,7 @@ from typing_extensions import override
 
 from lightning_sparse.core.changes import CHANGES, LOSS, MASKS, QUANTIZATION, STRUCTURE
 from lightning_sparse.core.schedule import INTERPOLATIONS, SparsitySchedule
+from lightning_sparse.module import CompressionModule
 
 __all__ = [
     "CHANGES",
@@ -189,6 +190,9 @@ class CompressionCallback(Callback):
 
     #: What the technique changes: a subset of :data:`CHANGES`.
     changes: ClassVar[frozenset[str]] = frozenset()
+    #: What a LOSS technique's term being lost means, in the error for a module without the
+    #: ``CompressionModule`` mixin (which is what adds the term to the loss).
+    without_loss_term: ClassVar[str] = "the term would be silently dropped"
     #: The version of :meth:`state_dict`'s layout; a newer one in a checkpoint is refused.
     state_version: ClassVar[int] = 1
 
@@ -384,6 +388,14 @@ class CompressionCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             check_strategy(trainer, type(self).__name__)
+            if LOSS in self.changes and not isinstance(pl_module, CompressionModule):
+                raise TypeError(
+                    f"{type(self).__name__} adds a loss term, but {type(pl_module).__name__} does "
+                    "not mix in lightning_sparse.module.CompressionModule, so "
+                    f"{self.without_loss_term}. Declare `class M(CompressionModule, "
+                    "LightningModule)` and return `loss + self.compression_loss(batch, outputs)` "
+                    "from training_step."
+                )
             # fast_dev_run is a smoke test of a few batches: the schedule cannot fit and need not.
             if not _smoke_run(trainer):
                 self.check_schedule(trainer.max_epochs)

@@ -47,7 +47,7 @@ from lightning_sparse.callbacks.base import (
 from lightning_sparse.core.batch import model_inputs
 from lightning_sparse.core.checkpoint import read_state_dict, readable_checkpoint
 from lightning_sparse.core.nodes import build_node
-from lightning_sparse.module import CompressionModule, copy_without_trainer, drop_instance_forwards
+from lightning_sparse.module import copy_without_trainer, drop_instance_forwards
 
 __all__ = ["SELF_TEACHER", "KnowledgeDistillation", "distillation_loss", "feature_loss"]
 
@@ -456,13 +456,6 @@ class KnowledgeDistillation(CompressionCallback):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        if not isinstance(pl_module, CompressionModule):
-            raise TypeError(
-                f"KnowledgeDistillation adds a loss term, but {type(pl_module).__name__} does not "
-                "mix in lightning_sparse.module.CompressionModule, so the term would be silently "
-                "dropped. Declare `class M(CompressionModule, LightningModule)` and return "
-                "`loss + self.compression_loss(batch, outputs)` from training_step."
-            )
         self.check_model(pl_module)
         if self._teacher is None and self.teacher_source != SELF_TEACHER:
             self._set_teacher(self._external_teacher(pl_module), pl_module)

@@ -46,7 +46,6 @@ from lightning_sparse.core.early_exit import (
     joint_exit_loss,
     trace_with_cuts,
 )
-from lightning_sparse.module import CompressionModule
 
 __all__ = ["EarlyExit"]
 
@@ -155,6 +154,7 @@ class EarlyExit(CompressionCallback):
     """
 
     changes = frozenset({LOSS})
+    without_loss_term = "the heads would never train"
 
     def __init__(
         self,
@@ -325,13 +325,6 @@ class EarlyExit(CompressionCallback):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        if not isinstance(pl_module, CompressionModule):
-            raise TypeError(
-                f"EarlyExit adds a loss term, but {type(pl_module).__name__} does not mix in "
-                "lightning_sparse.module.CompressionModule, so the heads would never train. "
-                "Declare `class M(CompressionModule, LightningModule)` and return "
-                "`loss + self.compression_loss(batch, outputs)` from training_step."
-            )
         self.check_model(pl_module)
         self._attach(pl_module)
 

@@ -34,7 +34,6 @@ from lightning_sparse.core.regularization import (
     strength_factor,
 )
 from lightning_sparse.core.targets import ALL_PRUNABLE
-from lightning_sparse.module import CompressionModule
 
 __all__ = ["SparsityRegularization"]
 
@@ -89,6 +88,7 @@ class SparsityRegularization(CompressionCallback):
     """
 
     changes = frozenset({LOSS})
+    without_loss_term = "the penalty would be silently dropped"
 
     def __init__(
         self,
@@ -200,13 +200,6 @@ class SparsityRegularization(CompressionCallback):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        if not isinstance(pl_module, CompressionModule):
-            raise TypeError(
-                f"SparsityRegularization adds a loss term, but {type(pl_module).__name__} does not "
-                "mix in lightning_sparse.module.CompressionModule, so the penalty would be "
-                "silently dropped. Declare `class M(CompressionModule, LightningModule)` and "
-                "return `loss + self.compression_loss(batch, outputs)` from training_step."
-            )
         self._targets = self.resolve_targets(pl_module)
 
     @override

@@ -23,15 +23,11 @@ exit per threshold setting, against the plain model, interleaved input by input.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import itertools
 import json
-import logging
 import statistics
-import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +36,7 @@ import torch
 from torch import nn
 
 from lightning_sparse.core.early_exit import trace_with_cuts
+from lightning_sparse.deploy.onnx_int8 import quiet_export
 from lightning_sparse.deploy.ort import OrtModel
 
 __all__ = [
@@ -75,25 +72,6 @@ class _Staged(nn.Module):
         logits, *features = self.traced(x)
         exits = [head(f) for head, f in zip(self.heads, features, strict=True)]
         return (logits, *features, *exits)
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence the exporter's prints and INFO logs; show them when it fails."""
-    buffer = io.StringIO()
-    loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
-    try:
-        with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
-            yield
-    except BaseException:
-        sys.stderr.write(buffer.getvalue()[-5000:])
-        raise
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
 
 
 def _check_thresholds(thresholds: Sequence[float], exits: int) -> list[float]:
@@ -152,7 +130,7 @@ def export_early_exit(
         staged = _Staged(traced, heads).eval()
         sample = example[:1].detach().to(next(module.parameters()).device).float()
         names = [_LOGITS, *map(_features, range(len(exits))), *map(_exit, range(len(exits)))]
-        with _quiet(), torch.no_grad():
+        with quiet_export(), torch.no_grad():
             program = torch.onnx.export(
                 staged,
                 (sample,),

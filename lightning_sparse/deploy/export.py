@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import math
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -31,6 +29,7 @@ from lightning_sparse.deploy.onnx_int8 import (
     flatten_inputs,
     onnx_layer_quant,
     quantize_onnx,
+    quiet_export,
 )
 from lightning_sparse.deploy.ort import OrtModel, interleaved_latency_ms
 
@@ -69,25 +68,6 @@ def _atomic_dir(out_dir: Path) -> Iterator[Path]:
     os.replace(tmp, out_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence the exporter's prints and its optimizer's INFO logs; show the prints on error."""
-    buffer = io.StringIO()
-    loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
-    try:
-        with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
-            yield
-    except BaseException:
-        sys.stderr.write(buffer.getvalue()[-5000:])
-        raise
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
 
 
 @contextlib.contextmanager
@@ -282,7 +262,7 @@ def _export(
     example = _map(first[0], lambda t: t[:2])
     if _size(example) < 2:  # a batch of 1 would fix the exported batch dimension
         example = _map(example, lambda t: t.repeat(2, *([1] * (t.dim() - 1))))
-    with _float_mode(module), _quiet():
+    with _float_mode(module), quiet_export():
         fp32_proto, base = export_onnx(module, example)
     fp32_path = tmp / ONNX_FILE
     onnx.save(fp32_proto, str(fp32_path))
@@ -319,7 +299,7 @@ def _export(
     with tempfile.TemporaryDirectory() as dense_dir:
         timed: dict[str, Any] = dict(sessions)
         if dense is not None:
-            with _quiet():
+            with quiet_export():
                 timed[DENSE_SESSION] = dense_session(dense, example, Path(dense_dir), threads)
         latency = interleaved_latency_ms(
             timed, _latency_inputs(data, batch_size), runs=latency_runs

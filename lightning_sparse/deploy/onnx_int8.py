@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Mapping
+import io
+import logging
+import sys
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +29,7 @@ __all__ = [
     "model_logits",
     "onnx_layer_quant",
     "quantize_onnx",
+    "quiet_export",
     "rebuild_inputs",
 ]
 
@@ -131,6 +136,25 @@ def _rename_initializers(proto: Any, prefix: str) -> None:
             node.output[index] = strip(name)
     for info in [*graph.input, *graph.output, *graph.value_info]:
         info.name = strip(info.name)
+
+
+@contextlib.contextmanager
+def quiet_export() -> Iterator[None]:
+    """Silence the ONNX exporter's prints and its optimizer's INFO logs; show them on error."""
+    buffer = io.StringIO()
+    loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+    try:
+        with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+            yield
+    except BaseException:
+        sys.stderr.write(buffer.getvalue()[-5000:])
+        raise
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def export_onnx(model: nn.Module, example: Any) -> tuple[Any, Any]:
