@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
@@ -38,6 +38,7 @@ from lightning_sparse.core.fake_quant import (
     install,
     is_quantizable,
 )
+from lightning_sparse.core.layers import layer_weights
 
 __all__ = [
     "QuantizationAwareTraining",
@@ -269,14 +270,24 @@ class QuantizationAwareTraining(CompressionCallback):
 
     @override
     def resolve_targets(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        names = select_layers(model, self.ignore, self.exclude_first_last)
-        params = dict(model.named_parameters())
-        return {f"{n}.weight": params[f"{n}.weight"] for n in names if f"{n}.weight" in params}
+        names = set(select_layers(model, self.ignore, self.exclude_first_last))
+        # Weight names from the layer kinds (a registered kind may call its weight e.g. `kernel`).
+        return {
+            weight_name: cast(nn.Parameter, getattr(layer, kind.weight))
+            for weight_name, layer, kind in layer_weights(model)
+            if weight_name.rpartition(".")[0] in names
+        }
 
     @property
     @override
     def target_names(self) -> list[str]:
-        return [f"{name}.weight" for name in self.layer_names]
+        # The weight's own name from its layer kind (a registered kind may call it e.g. `kernel`).
+        if self._quantized is None:
+            return []
+        return [
+            f"{name}.{quantizer.kind.weight}" if name else quantizer.kind.weight
+            for name, quantizer in self._quantized.layers.items()
+        ]
 
     @property
     def quantized(self) -> QuantizedModel | None:
