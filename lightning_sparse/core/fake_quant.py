@@ -45,6 +45,7 @@ __all__ = [
     "QuantSpec",
     "QuantizationError",
     "QuantizedModel",
+    "activation_qparams",
     "check_state",
     "install",
     "is_quantizable",
@@ -127,6 +128,14 @@ def _affine_qparams(
     scale = torch.clamp((high - low) / float(qmax - qmin), min=_MIN_SCALE)
     zero_point = torch.clamp(torch.round(qmin - low / scale), qmin, qmax).to(torch.int32)
     return scale.to(torch.float32), zero_point
+
+
+def activation_qparams(low: float, high: float) -> tuple[float, int]:
+    """Scale and zero point of a uint8 activation observed in ``[low, high]`` (as layer inputs)."""
+    scale, zero_point = _affine_qparams(
+        torch.tensor(float(low)), torch.tensor(float(high)), *ACTIVATION_QRANGE
+    )
+    return float(scale.item()), int(zero_point.item())
 
 
 def is_quantizable(module: nn.Module) -> bool:

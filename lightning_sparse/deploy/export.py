@@ -25,14 +25,16 @@ from lightning_sparse.deploy.dense import DENSE_SESSION, dense_session, size_fie
 from lightning_sparse.deploy.early_exit import deploy_early_exit
 from lightning_sparse.deploy.onnx_int8 import (
     ExportError,
+    activation_tensors,
     call_model,
     export_onnx,
     flatten_inputs,
     onnx_layer_quant,
+    quantize_activations,
     quantize_onnx,
     quiet_export,
 )
-from lightning_sparse.deploy.ort import OrtModel, interleaved_latency_ms
+from lightning_sparse.deploy.ort import OrtModel, interleaved_latency_ms, tensor_ranges
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +327,14 @@ def _export(
     if layers:
         numbers = {f"{name}.{q.kind.weight}": onnx_layer_quant(q) for name, q in layers.items()}
         int8_path = tmp / INT8_FILE
-        onnx.save(quantize_onnx(base, numbers), str(int8_path))
+        int8 = quantize_onnx(base, numbers)
+        calibrate = activation_tensors(int8)
+        if calibrate:
+            # Residual Adds, Concats and Conv outputs that QAT does not observe get the range
+            # of the first batch, in the int8 graph (weights and layer inputs as trained).
+            ranges = tensor_ranges(int8, calibrate, [_numpy_inputs(first[0])], threads)
+            int8 = quantize_activations(int8, ranges)
+        onnx.save(int8, str(int8_path))
 
     sessions = {"fp32": OrtModel(fp32_path, threads)}
     if int8_path is not None:
