@@ -16,6 +16,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -129,6 +130,28 @@ def _batches(data: ExportData) -> Iterator[tuple[Any, Any]]:
         return
     for batch in loader:
         yield _split(batch)
+
+
+def _calibration_inputs(data: ExportData) -> Any:
+    """Inputs to calibrate the int8 graph's remaining activation ranges on.
+
+    A data module's validation batch (else its training batch), so that the test split that
+    measures the export does not also set its numbers; a DataLoader's or an example's first batch
+    as given (the caller chose them).
+    """
+    if isinstance(data, pl.LightningDataModule):
+        data.setup("fit")
+        for split in ("val_dataloader", "train_dataloader"):
+            try:
+                loader = getattr(data, split)()
+            except (NotImplementedError, MisconfigurationException):
+                continue  # the data module does not define this split
+            if isinstance(loader, (list, tuple)):
+                loader = loader[0] if loader else None
+            batch = next(iter(loader), None) if loader is not None else None
+            if batch is not None:
+                return _split(batch)[0]
+    return next(_batches(data))[0]
 
 
 def _map(inputs: Any, fn: Any) -> Any:
@@ -331,8 +354,11 @@ def _export(
         calibrate = activation_tensors(int8)
         if calibrate:
             # Residual Adds, Concats and Conv outputs that QAT does not observe get the range
-            # of the first batch, in the int8 graph (weights and layer inputs as trained).
-            ranges = tensor_ranges(int8, calibrate, [_numpy_inputs(first[0])], threads)
+            # of one batch that is not test data, in the int8 graph (weights and layer inputs
+            # as trained).
+            ranges = tensor_ranges(
+                int8, calibrate, [_numpy_inputs(_calibration_inputs(data))], threads
+            )
             int8 = quantize_activations(int8, ranges)
         onnx.save(int8, str(int8_path))
 
