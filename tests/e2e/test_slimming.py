@@ -1,4 +1,4 @@
-"""recipe=slimming as a whole run: L1 on BatchNorm scales, channel removal by |gamma|, fine-tuning."""
+"""recipe=slimming as a whole run: L1 on BatchNorm scales, removal by |gamma|, fine-tuning."""
 
 from __future__ import annotations
 
