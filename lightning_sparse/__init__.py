@@ -2,7 +2,7 @@
 
 Techniques are callbacks (``MagnitudePruning``, ``ConstantPruning``, ``ChannelPruning``,
 ``QuantizationAwareTraining``, ``KnowledgeDistillation``, ``WeightClustering``,
-``SparsityRegularization``, ``EarlyExit``); a LightningModule that takes
+``SparsityRegularization``, ``EarlyExit``, ``LowRankFactorization``); a LightningModule that takes
 loss terms from techniques mixes in ``CompressionModule``; ``recipe.load`` builds the callbacks of a
 shipped recipe without a Hydra app; ``register_layer_kind`` tells every technique how to read the
 weight of a layer type of your own (which dimension is input, which output).
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
         EarlyExit,
         GradualPruning,
         KnowledgeDistillation,
+        LowRankFactorization,
         MagnitudePruning,
         MaskPruning,
         QuantizationAwareTraining,
@@ -45,6 +46,7 @@ _LAZY = {
     "EarlyExit": "lightning_sparse.callbacks",
     "GradualPruning": "lightning_sparse.callbacks",
     "KnowledgeDistillation": "lightning_sparse.callbacks",
+    "LowRankFactorization": "lightning_sparse.callbacks",
     "MagnitudePruning": "lightning_sparse.callbacks",
     "MaskPruning": "lightning_sparse.callbacks",
     "QuantizationAwareTraining": "lightning_sparse.callbacks",
@@ -63,6 +65,7 @@ __all__ = [
     "EarlyExit",
     "GradualPruning",
     "KnowledgeDistillation",
+    "LowRankFactorization",
     "MagnitudePruning",
     "MaskPruning",
     "QuantizationAwareTraining",

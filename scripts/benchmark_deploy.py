@@ -22,6 +22,10 @@ Run from the repository root::
 
     python scripts/benchmark_deploy.py                    # hours on a 2-core CPU; reuses runs
     python scripts/benchmark_deploy.py --quick --output /tmp/d.md --runs /tmp/d  # smoke run
+    python scripts/benchmark_deploy.py --untrained --ratios 0.5 --latency-runs 10  # minutes
+
+``--untrained`` measures latency only, on random-weight ResNet-18 and MobileNetV3-small (dense
+and with channels removed in one shot, each fp32 and int8), with no training run.
 
 Only the block between ``<!-- deploy:start -->`` and ``<!-- deploy:end -->`` is replaced (appended
 if missing); the rest of the file is kept byte for byte.
@@ -370,12 +374,146 @@ def deploy_markdown(results: dict[str, Any]) -> str:
     out.append(
         "int8 on ResNet-18 runs at "
         + ", ".join(f"{ratio:.2f}x" for ratio in dense_int8)
-        + " of its fp32 latency (same order of columns): the residual additions stay in float, "
-        "so ONNX Runtime fuses only some of the convolutions into its integer kernels "
-        "(docs/decisions.md); quantized adds (issue 13, part 2) are what makes int8 pay here. "
+        + " of its fp32 latency (same order of columns): residual additions are quantized, so "
+        "ONNX Runtime runs every convolution on its integer kernels (docs/decisions.md). "
         "Channel removal pays on its own, in fp32 and int8 alike."
     )
     return "\n".join(out)
+
+
+UNTRAINED_MODELS = ("resnet18", "mobilenet_v3_small")
+
+
+def _untrained_module(name: str, images: Any) -> Any:
+    """A model of ``conf/model`` with random weights and BatchNorm statistics of ``images``."""
+    import torch
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    from lightning_sparse import models
+    from lightning_sparse.module import ClassificationModule
+
+    torch.manual_seed(0)
+    module = ClassificationModule(getattr(models, name)(num_classes=10, in_channels=1), 10)
+    with torch.no_grad():
+        for layer in module.modules():
+            if isinstance(layer, _BatchNorm):
+                layer.momentum = None
+        module.train()
+        module(images)
+    return module.eval()
+
+
+def run_untrained(settings: Settings, command: str) -> dict[str, Any]:
+    """Random-weight ResNet-18 and MobileNetV3-small, dense and with channels removed (one shot,
+    l1), each PTQ-calibrated on mnist5k training images and exported by ``export_model``; every
+    model's ONNX files are then timed side by side. No training: latency only."""
+    import lightning
+    import onnxruntime
+    import torch
+
+    from lightning_sparse.data import MNIST5kDataModule
+    from lightning_sparse.deploy.export import export_model
+    from lightning_sparse.posttrain.channel import OneShotChannelPruning
+    from lightning_sparse.posttrain.ptq import ptq_calibrate
+
+    torch.set_num_threads(1)
+    start, load = time.time(), os.getloadavg()[0]
+    data = MNIST5kDataModule(batch_size=64)
+    data.setup("fit")
+    train = [batch for _, batch in zip(range(4), data.train_dataloader(), strict=False)]
+    test_images = torch.from_numpy(_test_batch(64))
+    latency: dict[str, list[dict[str, Any]]] = {}
+    macs: dict[str, dict[str, int]] = {}
+    for name in UNTRAINED_MODELS:
+        files: dict[str, Path] = {}
+        macs[name] = {}
+        for ratio in [0.0, *settings.ratios]:
+            module = _untrained_module(name, train[0][0])
+            label = "dense" if ratio == 0 else f"{ratio:.0%} of MACs removed"
+            if ratio:
+                step = OneShotChannelPruning(sparsity=ratio)
+                step.check(module)
+                step.apply(module, train[:1])
+            ptq_calibrate(module, train)
+            out = settings.runs / name / label.replace(" ", "_").replace("%", "pct")
+            summary = export_model(module, test_images, out, batch_size=1, latency_runs=1)
+            files[f"{label} fp32"] = Path(summary["onnx_fp32_path"])
+            files[f"{label} int8"] = Path(summary["onnx_int8_path"])
+            macs[name][label] = int(summary["macs"])
+            _progress(f"{name} {label}: exported")
+        latency[name] = measure_latency(files, settings)
+    return {
+        "settings": settings,
+        "command": command,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "environment": {
+            "cpu": cpu_name(),
+            "cores": os.cpu_count() or 1,
+            "torch": torch.__version__,
+            "lightning": lightning.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "python": platform.python_version(),
+        },
+        "latency": latency,
+        "macs": macs,
+        "minutes": (time.time() - start) / 60,
+        "load": (load, os.getloadavg()[0]),
+    }
+
+
+def untrained_markdown(results: dict[str, Any]) -> str:
+    """The section's markdown from :func:`run_untrained` results: latency and int8/fp32 ratios."""
+    settings: Settings = results["settings"]
+    env = results["environment"]
+    out = [
+        "## Speed at deployment: int8 and channels removed (ResNet-18, MobileNetV3-small, "
+        "ONNX Runtime)",
+        "",
+        f"- Command: `{results['command']}`",
+        f"- Machine: {env['cpu']}, {env['cores']} cores; torch {env['torch']} (CPU), lightning "
+        f"{env['lightning']}, onnxruntime {env['onnxruntime']}, Python {env['python']}",
+        f"- Date: {results['date']}; wall time {results['minutes']:.1f} min; 1-min load average "
+        f"{results['load'][0]:.2f} at start, {results['load'][1]:.2f} at end (the machine is "
+        "shared: absolute times drift with its load, the side-by-side ratios much less)",
+        "",
+        "Latency only, **untrained** models (`--untrained`): torchvision's ResNet-18 and "
+        "MobileNetV3-small as `model=resnet18` / `model=mobilenet_v3_small` build them (stride-1 "
+        "stem) for mnist5k's 1x28x28 images, random weights (seed 0) with BatchNorm statistics "
+        "of 64 training images; *MACs removed*: `OneShotChannelPruning` (l1) to that share of "
+        "the MACs; *int8*: PTQ on 4 training batches, then `export_model` (residual Adds, SE "
+        "Muls and Conv outputs calibrated on its first batch). Each model's ONNX files are timed "
+        f"side by side (interleaved, median of {settings.latency_runs} calls) on mnist5k test "
+        "images; ratios are against the same model's dense fp32 in the same measurement. "
+        "Accuracy is not measured here (random weights); the trained runs of the full "
+        "benchmark (`python scripts/benchmark_deploy.py`) were not made for this section.",
+        "",
+    ]
+    for name, rows in results["latency"].items():
+        labels = list(rows[0]["ms"])
+        points = [(row["threads"], row["batch"]) for row in rows]
+        header = [
+            "model",
+            "MACs",
+            *(f"ms, batch {b}, {t} thr" for t, b in points),
+            *(f"x dense fp32, batch {b}, {t} thr" for t, b in points),
+        ]
+        table = []
+        dense_macs = results["macs"][name]["dense"]
+        for label in labels:
+            variant = label.rsplit(" ", 1)[0]
+            count = results["macs"][name][variant]
+            times = [row["ms"][label] for row in rows]
+            base = [row["ms"]["dense fp32"] for row in rows]
+            table.append(
+                [
+                    label,
+                    f"{count / 1e6:.1f} M ({count / dense_macs:.0%})",
+                    *(f"{ms:.2f}" for ms in times),
+                    *(f"{ms / ref:.2f}" for ms, ref in zip(times, base, strict=True)),
+                ]
+            )
+        out += [f"**{name}**", "", _table(header, table), ""]
+    return "\n".join(out).rstrip() + "\n"
 
 
 def write_section(path: Path, markdown: str) -> None:
@@ -423,10 +561,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--epochs", type=int, default=4, help="epochs of the dense model (channel_qat's)"
     )
     parser.add_argument("--latency-runs", type=int, default=50)
+    parser.add_argument(
+        "--untrained",
+        action="store_true",
+        help="latency only: random-weight ResNet-18 and MobileNetV3-small, no training runs",
+    )
     args = parser.parse_args(argv)
     command = "python " + shlex.join(["scripts/benchmark_deploy.py", *sys.argv[1:]])
-    results = run(settings_from(args), command)
-    markdown = deploy_markdown(results)
+    if args.untrained:
+        results = run_untrained(settings_from(args), command)
+        markdown = untrained_markdown(results)
+    else:
+        results = run(settings_from(args), command)
+        markdown = deploy_markdown(results)
     write_section(args.output, markdown)
     print(markdown)
 

@@ -219,6 +219,8 @@ def test_the_groups_ship_what_the_readme_promises() -> None:
     assert set(options("compression/distillation")) >= {"self"}
     assert set(options("compression/channel")) >= {"macs", "taylor"}
     assert set(options("recipe")) >= {"channel", "channel_qat", "oneshot_channel"}
+    assert set(options("compression/low_rank")) >= {"default"}
+    assert set(options("recipe")) >= {"low_rank", "low_rank_qat"}
 
 
 def test_defaults() -> None:

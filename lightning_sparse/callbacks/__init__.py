@@ -6,6 +6,7 @@ from lightning_sparse.callbacks.channel import ChannelPruning
 from lightning_sparse.callbacks.clustering import WeightClustering
 from lightning_sparse.callbacks.distillation import KnowledgeDistillation
 from lightning_sparse.callbacks.early_exit import EarlyExit
+from lightning_sparse.callbacks.lowrank import LowRankFactorization
 from lightning_sparse.callbacks.progress import EpochLine, progress_bar
 from lightning_sparse.callbacks.pruning import (
     ConstantPruning,
@@ -26,6 +27,7 @@ __all__ = [
     "EpochLine",
     "GradualPruning",
     "KnowledgeDistillation",
+    "LowRankFactorization",
     "MagnitudePruning",
     "MaskPruning",
     "ModelSummary",

@@ -372,6 +372,17 @@ class CompressionCallback(Callback):
         """Its scheduled target at ``epochs`` by label (e.g. ``{"target sparsity": [...]}``)."""
         return None
 
+    def deployment(self) -> tuple[str, dict[str, Any]] | None:
+        """A deployment form it asks the export for beyond the plain model, or None.
+
+        ``(kind, data)``: a kind registered in the deploy layer
+        (:func:`lightning_sparse.deploy.export.register_deployment`) and what it needs (modules and
+        plain values), e.g. early exit's stages: ``("early_exit", {"exits", "heads",
+        "thresholds"})``. The training job's export writes it to ``export/<kind>/`` and reports
+        what it measured under ``<kind>`` in the summary.
+        """
+        return None
+
     # ----------------------------------------------------------------------------------------
     # Loss terms
 

@@ -44,7 +44,7 @@ from lightning_sparse.callbacks.base import (
     invalid_number,
     step_own_parameters,
 )
-from lightning_sparse.core.batch import model_inputs
+from lightning_sparse.core.batch import model_inputs, token_mask
 from lightning_sparse.core.checkpoint import read_state_dict, readable_checkpoint
 from lightning_sparse.core.nodes import build_node
 from lightning_sparse.module import copy_without_trainer, drop_instance_forwards
@@ -68,19 +68,37 @@ def distillation_loss(
     teacher_logits: torch.Tensor,
     temperature: float,
     hardness: float = 1.0,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``hardness * T^2 * KL(softmax(teacher / T) || softmax(student / T))``, mean over the batch.
+    """``hardness * T^2 * KL(softmax(teacher / T) || softmax(student / T))``, mean over predictions.
 
     Args:
-        student_logits: ``[batch, classes]`` logits of the model being trained.
-        teacher_logits: ``[batch, classes]`` logits of the teacher (no gradient needed).
+        student_logits: ``[batch, classes]`` logits of the model being trained, or
+            ``[batch, seq, classes]`` for one prediction per token.
+        teacher_logits: the teacher's logits of the same shape (no gradient needed).
         temperature: ``T``; above 1 softens both distributions so that the teacher's ranking of
             the wrong classes carries signal.
         hardness: weight of the term.
+        mask: for per-token logits, which positions are real tokens (``[batch, seq]``); padding
+            positions are left out of the mean. Without it every position counts.
 
     Returns:
-        A scalar tensor.
+        A scalar tensor: the KL divergence averaged over the predictions (samples, or the real
+        tokens of every sample).
     """
+    if student_logits.dim() > 2:
+        # One prediction per token: average over the (real) tokens, not over the batch, so the
+        # term does not grow with the sequence length nor count padding.
+        classes = student_logits.shape[-1]
+        if mask is not None:
+            keep = mask.reshape(-1).bool()
+            student_logits = student_logits.reshape(-1, classes)[keep]
+            teacher_logits = teacher_logits.reshape(-1, classes)[keep]
+        else:
+            student_logits = student_logits.reshape(-1, classes)
+            teacher_logits = teacher_logits.reshape(-1, classes)
+        if student_logits.shape[0] == 0:
+            return student_logits.sum() * 0.0
     student = F.log_softmax(student_logits / temperature, dim=-1)
     teacher = F.log_softmax(teacher_logits.detach() / temperature, dim=-1)
     kl = F.kl_div(student, teacher, reduction="batchmean", log_target=True)
@@ -670,7 +688,11 @@ class KnowledgeDistillation(CompressionCallback):
                 self._teacher_tap.armed = False
             if self.hardness > 0:
                 logit_term = distillation_loss(
-                    student, teacher_logits, self.temperature, self.hardness
+                    student,
+                    teacher_logits,
+                    self.temperature,
+                    self.hardness,
+                    mask=token_mask(batch, student),
                 )
             if self.features:
                 feature_term = self._feature_term(student.device)

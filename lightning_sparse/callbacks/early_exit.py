@@ -248,6 +248,17 @@ class EarlyExit(CompressionCallback):
         return dict(self._last_calibration)
 
     @override
+    def deployment(self) -> tuple[str, dict[str, Any]] | None:
+        # Stages and heads for the export (deploy/early_exit.py); nothing before the heads exist.
+        if not self._heads:
+            return None
+        return "early_exit", {
+            "exits": list(self.exits),
+            "heads": self.heads,
+            "thresholds": self.thresholds,
+        }
+
+    @override
     def schedule_limits(self) -> list[ScheduleLimit]:
         return [ScheduleLimit("start_epoch", self.start_epoch, True, "the heads would never train")]
 

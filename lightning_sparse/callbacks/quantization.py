@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
@@ -38,6 +38,8 @@ from lightning_sparse.core.fake_quant import (
     install,
     is_quantizable,
 )
+from lightning_sparse.core.layers import layer_weights
+from lightning_sparse.core.structure import change_count
 
 __all__ = [
     "QuantizationAwareTraining",
@@ -243,6 +245,7 @@ class QuantizationAwareTraining(CompressionCallback):
         self.ignore = _check_ignore(ignore)
         self.exclude_first_last = bool(exclude_first_last)
         self._quantized: QuantizedModel | None = None
+        self._structure_seen = 0
         self._pending_state: dict[str, Any] | None = None
         self._bn_frozen = False
         self._announced: tuple[bool, bool, bool] | None = None
@@ -269,14 +272,24 @@ class QuantizationAwareTraining(CompressionCallback):
 
     @override
     def resolve_targets(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        names = select_layers(model, self.ignore, self.exclude_first_last)
-        params = dict(model.named_parameters())
-        return {f"{n}.weight": params[f"{n}.weight"] for n in names if f"{n}.weight" in params}
+        names = set(select_layers(model, self.ignore, self.exclude_first_last))
+        # Weight names from the layer kinds (a registered kind may call its weight e.g. `kernel`).
+        return {
+            weight_name: cast(nn.Parameter, getattr(layer, kind.weight))
+            for weight_name, layer, kind in layer_weights(model)
+            if weight_name.rpartition(".")[0] in names
+        }
 
     @property
     @override
     def target_names(self) -> list[str]:
-        return [f"{name}.weight" for name in self.layer_names]
+        # The weight's own name from its layer kind (a registered kind may call it e.g. `kernel`).
+        if self._quantized is None:
+            return []
+        return [
+            f"{name}.{quantizer.kind.weight}" if name else quantizer.kind.weight
+            for name, quantizer in self._quantized.layers.items()
+        ]
 
     @property
     def quantized(self) -> QuantizedModel | None:
@@ -326,6 +339,7 @@ class QuantizationAwareTraining(CompressionCallback):
             self._quantized = install(pl_module, names, self.spec)
         except QuantizationError as err:
             raise ValueError(f"{self.state_key}: {err}") from err
+        self._structure_seen = change_count(pl_module)
         if self._pending_state is not None:
             self._restore(self._pending_state)
             self._pending_state = None
@@ -341,10 +355,37 @@ class QuantizationAwareTraining(CompressionCallback):
     ) -> None:
         self._update_phase(trainer, pl_module)
 
+    def _follow_structure(self) -> None:
+        """Quantize the layers of the model as a structure change left it.
+
+        A layer replaced by others (low-rank factors) is a new module: the layers are selected
+        anew (``ignore``, ``exclude_first_last``) and the new ones quantized; layers changed in
+        place (channels removed) keep their observers. Checked before and after every batch, when
+        a state is saved and before one is restored (the resumed run replayed the changes after
+        ``setup`` prepared the layers).
+        """
+        if self._quantized is None:
+            return
+        model = self._quantized.model
+        if change_count(model) == self._structure_seen:
+            return
+        names = select_layers(model, self.ignore, self.exclude_first_last)
+        try:
+            fresh = self._quantized.follow(names)
+        except QuantizationError as err:
+            raise ValueError(f"{self.state_key}: {err}") from err
+        self._structure_seen = change_count(model)
+        if fresh:
+            rank_zero_info(
+                f"{self.log_name}: the model's structure changed; quantizing its new layers "
+                f"{', '.join(fresh)}."
+            )
+
     def _update_phase(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Recomputed from the clock before every batch: nothing to apply twice after a resume.
         if self._quantized is None:
             return
+        self._follow_structure()
         epoch = fractional_epoch(trainer)
         fake_quant, observe, bn_frozen = self.phase_at(epoch)
         self._quantized.set_phase(fake_quant, observe)
@@ -373,6 +414,7 @@ class QuantizationAwareTraining(CompressionCallback):
         batch: Any,
         batch_idx: int,
     ) -> None:
+        self._follow_structure()
         if self._quantized is None or not self._quantized.observer_enabled:
             return
         if trainer.world_size > 1:
@@ -400,6 +442,7 @@ class QuantizationAwareTraining(CompressionCallback):
     def state_dict(self) -> dict[str, Any]:
         if self._quantized is None:
             return {"version": self.state_version, "quantization": self._pending_state}
+        self._follow_structure()
         return {
             "version": self.state_version,
             "quantization": self._quantized.state_dict(),
@@ -420,6 +463,7 @@ class QuantizationAwareTraining(CompressionCallback):
 
     def _restore(self, state: Mapping[str, Any]) -> None:
         assert self._quantized is not None
+        self._follow_structure()
         try:
             self._quantized.load_state_dict(state)
         except QuantizationError as err:

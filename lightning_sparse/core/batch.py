@@ -16,7 +16,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["INPUT_KEYS", "LABEL_KEYS", "batch_size", "model_inputs", "to_device"]
+__all__ = [
+    "INPUT_KEYS",
+    "LABEL_KEYS",
+    "batch_size",
+    "model_inputs",
+    "to_device",
+    "token_mask",
+]
 
 INPUT_KEYS = ("input", "inputs", "x", "image", "images", "pixel_values")
 LABEL_KEYS = ("label", "labels", "y", "target", "targets")
@@ -51,6 +58,21 @@ def batch_size(batch: Any) -> int:
     if isinstance(inputs, Mapping):
         inputs = next((v for v in inputs.values() if isinstance(v, torch.Tensor)), None)
     return int(inputs.shape[0]) if isinstance(inputs, torch.Tensor) and inputs.dim() else 1
+
+
+def token_mask(batch: Any, logits: torch.Tensor) -> torch.Tensor | None:
+    """Which positions of per-token ``logits`` (``[batch, seq, classes]``) are real tokens.
+
+    The batch's ``attention_mask`` (a Hugging Face batch) as a bool tensor when it has the shape of
+    ``logits`` without its last dimension; ``None`` otherwise (one prediction per sample, or no
+    mask: every position counts).
+    """
+    if not isinstance(batch, Mapping) or logits.dim() < 3:
+        return None
+    mask = batch.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(logits.shape[:-1]):
+        return None
+    return mask.to(device=logits.device).bool()
 
 
 def to_device(inputs: Any, device: torch.device) -> Any:

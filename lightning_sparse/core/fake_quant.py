@@ -45,6 +45,7 @@ __all__ = [
     "QuantSpec",
     "QuantizationError",
     "QuantizedModel",
+    "activation_qparams",
     "check_state",
     "install",
     "is_quantizable",
@@ -127,6 +128,14 @@ def _affine_qparams(
     scale = torch.clamp((high - low) / float(qmax - qmin), min=_MIN_SCALE)
     zero_point = torch.clamp(torch.round(qmin - low / scale), qmin, qmax).to(torch.int32)
     return scale.to(torch.float32), zero_point
+
+
+def activation_qparams(low: float, high: float) -> tuple[float, int]:
+    """Scale and zero point of a uint8 activation observed in ``[low, high]`` (as layer inputs)."""
+    scale, zero_point = _affine_qparams(
+        torch.tensor(float(low)), torch.tensor(float(high)), *ACTIVATION_QRANGE
+    )
+    return float(scale.item()), int(zero_point.item())
 
 
 def is_quantizable(module: nn.Module) -> bool:
@@ -449,6 +458,45 @@ class QuantizedModel:
         for name, quantizer in self.layers.items():
             quantizer.load_state_dict(state["layers"][name], name)
         self.set_phase(bool(state["fake_quant_enabled"]), bool(state["observer_enabled"]))
+
+    def follow(self, names: Sequence[str]) -> list[str]:
+        """Quantize the layers ``names`` of the model as it is now, after a structure change.
+
+        A layer still at its name (same module: channels removed in place) keeps its quantizer
+        and observers; a layer that replaced another (a factor of a factorized one) gets a fresh
+        one, off or on with the others (the phase switches are shared); a quantizer whose layer
+        left the model is dropped.
+
+        Returns:
+            The names of the layers that got a fresh quantizer.
+
+        Raises:
+            QuantizationError: a name is not a quantizable layer, or is quantized by another
+                handle.
+        """
+        modules = dict(self.model.named_modules())
+        layers: dict[str, LayerQuantizer] = {}
+        fresh: list[str] = []
+        for name in names:
+            module = modules.get(name)
+            old = self.layers.get(name)
+            if old is not None and old.module is module:
+                layers[name] = old
+                continue
+            if module is None or not is_quantizable(module):
+                raise QuantizationError(f"{name!r} is not a quantizable layer of the model.")
+            if _quant_forward(module) is not None:
+                raise QuantizationError(f"layer {name!r} is quantized already by another handle.")
+            layers[name] = LayerQuantizer(module, self.spec, self._controls)
+            fresh.append(name)
+        kept = {id(q) for q in layers.values()}
+        for quantizer in self.layers.values():
+            if id(quantizer) not in kept:
+                vars(quantizer.module).pop("forward", None)
+        for name in fresh:
+            vars(layers[name].module)["forward"] = _QuantForward(layers[name], name)
+        self.layers = layers
+        return fresh
 
     def remove(self) -> None:
         """Give every layer its own forward back."""

@@ -13,15 +13,23 @@ callback state) and by the module for its whole log; :func:`changes_in_checkpoin
 A change refers to layers by their name in the model it was applied to (``model.layer1.0.conv1``
 for a ``ClassificationModule``), and its indices to the model as the earlier changes left it.
 
-Kinds are a registry (:func:`register_kind`); built in is ``remove_channels``::
+Kinds are a registry (:func:`register_kind`); built in are ``remove_channels``::
 
     {"kind": "remove_channels", "seq": 0,
      "layers": {"model.conv1": {"out": [3, 7]}, "model.bn1": {"out": [3, 7]},
                 "model.conv2": {"in": [3, 7]}}}
 
 which removes output channels (``out``: rows of a Conv/Linear weight, features of a norm layer)
-or input channels (``in``) of each named layer. Torch only: deciding *which* channels go (and
-which layers are coupled) is the technique's business.
+or input channels (``in``) of each named layer, and ``factorize``::
+
+    {"kind": "factorize", "seq": 1, "layers": {"model.fc1": {"rank": 16}}}
+
+which replaces each named Linear or Conv2d by the two factors of its truncated SVD at that rank
+(``core.lowrank``: the layer becomes an ``nn.Sequential`` of two, so its weight is named
+``model.fc1.0.weight`` and ``model.fc1.1.weight`` from then on). Replayed on a fresh model it
+factorizes that model's (untrained) weights, which builds the right shapes; the checkpoint's
+weights load over them. Torch only: deciding *which* channels go (and which layers are coupled),
+or which rank a layer keeps, is the technique's business.
 """
 
 from __future__ import annotations
@@ -37,7 +45,15 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from lightning_sparse.core.lowrank import (
+    factorize_conv2d,
+    factorize_linear,
+    layer_dims,
+    replace_module,
+)
+
 __all__ = [
+    "FACTORIZE",
     "FORMAT",
     "KINDS",
     "REMOVE_CHANNELS",
@@ -45,6 +61,7 @@ __all__ = [
     "StructureError",
     "applied_changes",
     "apply_change",
+    "change_count",
     "changes_in_checkpoint",
     "count_macs",
     "layer_costs",
@@ -58,6 +75,7 @@ __all__ = [
 FORMAT = "lightning_sparse.structure"
 VERSION = 1
 REMOVE_CHANNELS = "remove_channels"
+FACTORIZE = "factorize"
 # Where a model keeps the log of the changes applied to it: a plain attribute, not a buffer, so
 # its state_dict keeps exactly the keys of the layers it has.
 _LOG_ATTRIBUTE = "_lightning_sparse_structure"
@@ -110,6 +128,11 @@ def register_kind(kind: str, apply: KindFn) -> KindFn:
 def applied_changes(model: nn.Module) -> list[dict[str, Any]]:
     """The changes applied to ``model`` so far, in order (a copy; empty for an unchanged one)."""
     return copy.deepcopy(vars(model).get(_LOG_ATTRIBUTE, []))
+
+
+def change_count(model: nn.Module) -> int:
+    """How many changes were applied to ``model`` (cheap: no copy of the log)."""
+    return len(vars(model).get(_LOG_ATTRIBUTE, []))
 
 
 def _plain(value: Any) -> Any:
@@ -464,6 +487,60 @@ def _remove_channels(model: nn.Module, change: Mapping[str, Any]) -> list[ParamC
 
 
 register_kind(REMOVE_CHANNELS, _remove_channels)
+
+
+# ------------------------------------------------------------------------------------------------
+# factorize
+
+
+def _factorize(model: nn.Module, change: Mapping[str, Any]) -> list[ParamChange]:
+    layers = change.get("layers")
+    if not isinstance(layers, Mapping) or not layers:
+        raise StructureError("a factorize change needs `layers`: {layer: {rank: r}}.")
+    # Check every layer before touching any, so a change that does not fit leaves the model as is.
+    plan: dict[str, tuple[nn.Linear | nn.Conv2d, int]] = {}
+    for name, data in layers.items():
+        module = _module(model, name)
+        rank = data.get("rank") if isinstance(data, Mapping) else None
+        if not isinstance(module, (nn.Linear, nn.Conv2d)) or (
+            isinstance(module, nn.Conv2d) and module.groups != 1
+        ):
+            raise StructureError(
+                f"factorize names layer {name!r} ({type(module).__name__}), which is not a Linear "
+                "or an ungrouped Conv2d; was the model built from the same config?"
+            )
+        fan_in, out = layer_dims(module)
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(fan_in, out):
+            raise StructureError(
+                f"factorize of {name!r} has rank={rank!r}; the layer ({out} x {fan_in}) takes an "
+                f"integer rank in [1, {min(fan_in, out)}]."
+            )
+        plan[name] = (module, rank)
+    changes: list[ParamChange] = []
+    for name, (module, rank) in plan.items():
+        if isinstance(module, nn.Linear):
+            factors = factorize_linear(module, rank, name)
+        else:
+            factors = factorize_conv2d(module, rank, name)
+        first, second = factors[0].weight, factors[1].weight
+        assert isinstance(first, nn.Parameter)
+        assert isinstance(second, nn.Parameter)
+        for param in (first, second):
+            param.requires_grad_(module.weight.requires_grad)
+        replace_module(model, name, factors)
+        # One weight becomes two: no optimizer state can follow it (keep={}). The bias moves to
+        # the second factor unchanged, so its state follows (every index kept).
+        changes.append(ParamChange(f"{name}.0.weight", module.weight, first, {}))
+        changes.append(ParamChange(f"{name}.1.weight", module.weight, second, {}))
+        bias, new_bias = module.bias, factors[1].bias
+        if bias is not None and isinstance(new_bias, nn.Parameter):
+            new_bias.requires_grad_(bias.requires_grad)
+            every = torch.arange(bias.shape[0])
+            changes.append(ParamChange(f"{name}.1.bias", bias, new_bias, {0: every}))
+    return changes
+
+
+register_kind(FACTORIZE, _factorize)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import itertools
 import json
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from lightning_sparse.deploy.ort import OrtModel
 __all__ = [
     "MANIFEST_FILE",
     "EarlyExitRunner",
+    "deploy_early_exit",
     "early_exit_report",
     "export_early_exit",
     "format_report",
@@ -165,6 +166,79 @@ def export_early_exit(
     }
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+def deploy_early_exit(
+    module: nn.Module,
+    batches: Iterable[tuple[Any, Any]],
+    out_dir: Path,
+    spec: Mapping[str, Any],
+    threads: int | None,
+    max_inputs: int = 1000,
+) -> dict[str, Any]:
+    """The training job's early-exit deployment: stages in ``out_dir`` and what they measure.
+
+    Exports with :func:`export_early_exit` and measures the calibrated thresholds against the
+    plain model with :func:`early_exit_report` on up to ``max_inputs`` labelled test inputs.
+
+    Args:
+        module: the trained model.
+        batches: ``(inputs, labels)`` test batches; inputs one tensor, labels present.
+        out_dir: where the stages go.
+        spec: the technique's ``deployment()`` data: ``exits``, ``heads``, ``thresholds``.
+        threads: ONNX Runtime intra-op threads (None: 1, as the timing is at batch 1).
+        max_inputs: inputs measured at most.
+
+    Returns:
+        ``exits``, ``thresholds``, ``inputs``, ``accuracy`` and ``plain_accuracy``, ``mean_ms``
+        and ``plain_mean_ms`` (batch 1), ``speedup`` (plain / early exit mean latency) and
+        ``exit_fractions`` (one per exit, then the full model).
+
+    Raises:
+        ValueError: batches without labels or with inputs that are not one tensor.
+        SegmentError: the model cannot be cut at the exits.
+    """
+    inputs: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    count = 0
+    for x, y in batches:
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            raise ValueError(
+                "early-exit deployment measures accuracy per exit: it needs test batches of one "
+                f"input tensor and labels, got inputs {type(x).__name__}, labels "
+                f"{type(y).__name__}."
+            )
+        inputs.append(x.detach().cpu().float())
+        labels.append(y.detach().cpu())
+        count += len(x)
+        if count >= max_inputs:
+            break
+    if not inputs:
+        raise ValueError("early-exit deployment got no test batch to measure on.")
+    xs = torch.cat(inputs)[:max_inputs]
+    ys = torch.cat(labels)[:max_inputs]
+    manifest = export_early_exit(
+        module, spec["exits"], spec["heads"], spec.get("thresholds"), xs[:1], out_dir
+    )
+    report = early_exit_report(
+        out_dir,
+        xs.numpy(),
+        ys.numpy(),
+        {"calibrated": manifest["thresholds"]},
+        threads=1 if threads is None else threads,
+    )
+    measured = report["settings"]["calibrated"]
+    return {
+        "exits": manifest["exits"],
+        "thresholds": manifest["thresholds"],
+        "inputs": report["inputs"],
+        "accuracy": measured["accuracy"],
+        "plain_accuracy": report["plain"]["accuracy"],
+        "mean_ms": measured["mean_ms"],
+        "plain_mean_ms": report["plain"]["mean_ms"],
+        "speedup": measured["speedup"],
+        "exit_fractions": measured["exit_fractions"],
+    }
 
 
 def graph_output_width(graph: Any, name: str) -> int:

@@ -9,29 +9,33 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_sparse.core.fake_quant import LayerQuantizer, quantized_layers
 from lightning_sparse.deploy.compressed import COMPRESSED_FILE, dense_bytes, write_compressed
 from lightning_sparse.deploy.dense import DENSE_SESSION, dense_session, size_fields, speed_fields
+from lightning_sparse.deploy.early_exit import deploy_early_exit
 from lightning_sparse.deploy.onnx_int8 import (
     ExportError,
+    activation_tensors,
     call_model,
     export_onnx,
     flatten_inputs,
     onnx_layer_quant,
+    quantize_activations,
     quantize_onnx,
     quiet_export,
 )
-from lightning_sparse.deploy.ort import OrtModel, interleaved_latency_ms
+from lightning_sparse.deploy.ort import OrtModel, interleaved_latency_ms, tensor_ranges
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +44,28 @@ INT8_FILE = "model_int8.onnx"
 EXPORT_SUMMARY_FILE = "export.json"
 
 __all__ = [
+    "DEPLOYMENTS",
     "ExportError",
     "export_model",
+    "register_deployment",
 ]
+
+# How a technique's extra deployment form is written and measured:
+# ``fn(module, batches, out_dir, spec, threads) -> summary``, where ``batches`` are the test
+# split's ``(inputs, labels)`` and ``spec`` what the technique's ``deployment()`` gave.
+DeploymentFn = Callable[
+    [nn.Module, Iterable[tuple[Any, Any]], Path, Mapping[str, Any], int | None], dict[str, Any]
+]
+DEPLOYMENTS: dict[str, DeploymentFn] = {}
+
+
+def register_deployment(kind: str, fn: DeploymentFn) -> DeploymentFn:
+    """Register how deployments of ``kind`` (a technique's ``deployment()``) are written."""
+    DEPLOYMENTS[kind] = fn
+    return fn
+
+
+register_deployment("early_exit", deploy_early_exit)
 
 
 @contextlib.contextmanager
@@ -59,8 +82,8 @@ def _atomic_dir(out_dir: Path) -> Iterator[Path]:
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)
-    for path in tmp.iterdir():
-        path.chmod(0o666 & ~umask)
+    for path in tmp.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
     old = None
     if out_dir.exists():
         old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
@@ -107,6 +130,28 @@ def _batches(data: ExportData) -> Iterator[tuple[Any, Any]]:
         return
     for batch in loader:
         yield _split(batch)
+
+
+def _calibration_inputs(data: ExportData) -> Any:
+    """Inputs to calibrate the int8 graph's remaining activation ranges on.
+
+    A data module's validation batch (else its training batch), so that the test split that
+    measures the export does not also set its numbers; a DataLoader's or an example's first batch
+    as given (the caller chose them).
+    """
+    if isinstance(data, pl.LightningDataModule):
+        data.setup("fit")
+        for split in ("val_dataloader", "train_dataloader"):
+            try:
+                loader = getattr(data, split)()
+            except (NotImplementedError, MisconfigurationException):
+                continue  # the data module does not define this split
+            if isinstance(loader, (list, tuple)):
+                loader = loader[0] if loader else None
+            batch = next(iter(loader), None) if loader is not None else None
+            if batch is not None:
+                return _split(batch)[0]
+    return next(_batches(data))[0]
 
 
 def _map(inputs: Any, fn: Any) -> Any:
@@ -161,6 +206,7 @@ def export_model(
     latency_runs: int = 50,
     threads: int | None = None,
     dense: nn.Module | None = None,
+    deployments: Sequence[tuple[str, Mapping[str, Any]]] = (),
 ) -> dict[str, Any]:
     """Write ``model.onnx``, ``model_int8.onnx`` (if quantized), ``compressed.safetensors``.
 
@@ -182,6 +228,11 @@ def export_model(
         threads: ONNX Runtime intra-op threads (None: its default, all cores).
         dense: the dense model of the same run (its snapshot, or one built from the same config),
             exported in fp32 and timed beside the others (not written to ``out_dir``).
+        deployments: ``(kind, spec)`` of further forms the techniques ask for (their
+            ``deployment()``, e.g. early exit's stages), each written to ``out_dir/<kind>/`` by
+            its registered function and measured on ``data``; the summary gets what it
+            measured under ``<kind>``, or ``{"error": ...}`` (and a warning) when it could not
+            be written, without failing the rest of the export.
 
     Returns:
         ``onnx_fp32_path``, ``onnx_int8_path``, ``compressed_path``, ``onnx_fp32_acc``,
@@ -208,6 +259,12 @@ def export_model(
         export_model(module, test_loader, "export")                   # a DataLoader
         export_model(module, torch.randn(8, 1, 8, 8), "export")       # an example input
     """
+    unknown = sorted({kind for kind, _ in deployments} - set(DEPLOYMENTS))
+    if unknown:
+        raise ValueError(
+            f"`deployments`: {unknown} not known to this lightning_sparse (known: "
+            f"{', '.join(sorted(DEPLOYMENTS))}); register_deployment() adds one."
+        )
     for field, value in (("batch_size", batch_size), ("latency_runs", latency_runs)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"`{field}`={value!r} is not allowed; it must be an int >= 1.")
@@ -230,6 +287,8 @@ def export_model(
     try:
         with _atomic_dir(out_dir) as tmp:
             summary = _export(module, data, tmp, layers, batch_size, latency_runs, threads, dense)
+            for kind, spec in deployments:
+                summary[kind] = _deploy(kind, spec, module, data, tmp, out_dir, threads)
             for key in ("onnx_fp32_path", "onnx_int8_path", "compressed_path"):
                 if summary[key] is not None:
                     summary[key] = str(out_dir / Path(summary[key]).name)
@@ -238,6 +297,27 @@ def export_model(
     finally:
         module.to(device).train(was_training)
     return summary
+
+
+def _deploy(
+    kind: str,
+    spec: Mapping[str, Any],
+    module: nn.Module,
+    data: ExportData,
+    tmp: Path,
+    out_dir: Path,
+    threads: int | None,
+) -> dict[str, Any]:
+    """One technique's deployment form, written to ``tmp/<kind>``; its summary or its error."""
+    try:
+        with _float_mode(module):
+            result = DEPLOYMENTS[kind](module, _batches(data), tmp / kind, spec, threads)
+    except (ValueError, TypeError, RuntimeError) as err:
+        # The plain export above stands on its own; a form that cannot be written is reported.
+        log.warning("export: the %s deployment was not written: %s", kind, err)
+        shutil.rmtree(tmp / kind, ignore_errors=True)
+        return {"error": str(err)}
+    return {"dir": str(out_dir / kind), **result}
 
 
 @torch.no_grad()
@@ -270,7 +350,17 @@ def _export(
     if layers:
         numbers = {f"{name}.{q.kind.weight}": onnx_layer_quant(q) for name, q in layers.items()}
         int8_path = tmp / INT8_FILE
-        onnx.save(quantize_onnx(base, numbers), str(int8_path))
+        int8 = quantize_onnx(base, numbers)
+        calibrate = activation_tensors(int8)
+        if calibrate:
+            # Residual Adds, Concats and Conv outputs that QAT does not observe get the range
+            # of one batch that is not test data, in the int8 graph (weights and layer inputs
+            # as trained).
+            ranges = tensor_ranges(
+                int8, calibrate, [_numpy_inputs(_calibration_inputs(data))], threads
+            )
+            int8 = quantize_activations(int8, ranges)
+        onnx.save(int8, str(int8_path))
 
     sessions = {"fp32": OrtModel(fp32_path, threads)}
     if int8_path is not None:

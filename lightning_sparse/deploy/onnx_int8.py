@@ -23,11 +23,13 @@ _INT32 = (-(2**31), 2**31 - 1)
 __all__ = [
     "ExportError",
     "OnnxLayerQuant",
+    "activation_tensors",
     "call_model",
     "export_onnx",
     "flatten_inputs",
     "model_logits",
     "onnx_layer_quant",
+    "quantize_activations",
     "quantize_onnx",
     "quiet_export",
     "rebuild_inputs",
@@ -295,8 +297,11 @@ def quantize_onnx(base: Any, layers: Mapping[str, OnnxLayerQuant]) -> Any:
     def drop_init(name: str) -> None:
         graph.initializer.remove(inits.pop(name))
 
-    front: list[Any] = []  # DequantizeLinear of constants: no inputs, so they may come first
-    before: dict[int, list[Any]] = {}  # id(node) -> nodes to insert right before it
+    # DequantizeLinear of constants and QuantizeLinear of graph inputs may come first.
+    front: list[Any] = []
+    after: dict[str, list[Any]] = {}  # tensor -> nodes to insert right after the node making it
+    shared: dict[tuple[str, bytes, bytes], str] = {}  # (tensor, scale, zero point) -> its DQ
+    graph_inputs = {graph_input.name for graph_input in graph.input}
     removed: set[int] = set()
     renamed: dict[str, str] = {}
     for weight_name, quant in layers.items():
@@ -390,16 +395,26 @@ def quantize_onnx(base: Any, layers: Mapping[str, OnnxLayerQuant]) -> Any:
         )
         for index, user in enumerate(users):
             source = user.input[0]
+            # Layers that read one tensor with the same numbers (a block's input read by its conv
+            # and its shortcut conv observe the same values) share one QuantizeLinear: ONNX
+            # Runtime folds a ReLU into a QuantizeLinear, or fuses an Add with it, only when that
+            # is its sole reader.
+            key = (source, quant.input_scale.tobytes(), quant.input_zero_point.tobytes())
+            if key in shared:
+                user.input[0] = shared[key]
+                continue
             prefix = f"{weight_name}_input" + (str(index) if len(users) > 1 else "")
             xs = add_init(quant.input_scale.astype(np.float32), f"{prefix}_scale")
             xz = add_init(quant.input_zero_point.astype(np.uint8), f"{prefix}_zero_point")
-            before.setdefault(id(user), []).extend(
+            # Right after the tensor is made (not before this reader), so every reader sharing it
+            # comes later in the node order.
+            (after.setdefault(source, []) if source not in graph_inputs else front).extend(
                 [
                     helper.make_node("QuantizeLinear", [source, xs, xz], [f"{prefix}_q"]),
                     helper.make_node("DequantizeLinear", [f"{prefix}_q", xs, xz], [f"{prefix}_dq"]),
                 ]
             )
-            user.input[0] = f"{prefix}_dq"
+            user.input[0] = shared[key] = f"{prefix}_dq"
         if bias_name is not None and bias is not None and conv is not None:
             bias_scale = (scale * quant.input_scale).astype(np.float32)
             int_bias = np.round(bias / bias_scale)
@@ -422,17 +437,222 @@ def quantize_onnx(base: Any, layers: Mapping[str, OnnxLayerQuant]) -> Any:
     for node in graph.node:
         if id(node) in removed:
             continue
-        nodes.extend(before.get(id(node), []))
         for index, output in enumerate(node.output):
             if output in renamed:
                 node.output[index] = renamed[output]
         nodes.append(node)
+        for output in node.output:
+            nodes.extend(after.get(output, []))
     del graph.node[:]
     graph.node.extend(nodes)
-    # Drop initializers no node reads any more (the folded BN's parameters).
+    _drop_unused(graph)
+    onnx.checker.check_model(model)
+    return model
+
+
+def _drop_unused(graph: Any) -> None:
+    """Remove nodes whose outputs nothing reads (the shape arithmetic of a folded BN, which ONNX
+    Runtime would otherwise run on every call), then initializers no node reads."""
+    needed = {output.name for output in graph.output}
+    kept: list[Any] = []
+    for node in reversed(graph.node):
+        if any(output in needed for output in node.output):
+            kept.append(node)
+            needed.update(node.input)
+    if len(kept) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(reversed(kept))
     used = {tensor for node in graph.node for tensor in node.input}
     for init in list(graph.initializer):
         if init.name not in used:
             graph.initializer.remove(init)
-    onnx.checker.check_model(model)
-    return model
+
+
+# Ops that ONNX Runtime runs on uint8 (QLinearAdd, QLinearMul, QLinearConcat) when every input
+# comes from a DequantizeLinear and a QuantizeLinear reads the output: residual additions,
+# squeeze-excitation products, concatenated branches.
+_JOIN_OPS = frozenset({"Add", "Mul", "Concat"})
+# One-input ops whose output belongs to the quantized part of the network when their input does
+# (activations, pooling, reshaping): a join of such tensors is quantized too.
+_PASS_OPS = frozenset(
+    {
+        "Relu",
+        "Clip",
+        "LeakyRelu",
+        "HardSwish",
+        "HardSigmoid",
+        "Sigmoid",
+        "MaxPool",
+        "AveragePool",
+        "GlobalAveragePool",
+        "GlobalMaxPool",
+        "ReduceMean",
+        "Reshape",
+        "Flatten",
+        "Squeeze",
+        "Unsqueeze",
+        "Transpose",
+        "Identity",
+    }
+)
+# Ops through which ONNX Runtime moves a QuantizeLinear up to the op that makes the tensor (or
+# folds them into it): a Conv whose output reaches QuantizeLinear through these is fused already.
+_SEE_THROUGH = frozenset(
+    {"Relu", "Clip", "MaxPool", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose"}
+)
+# Activations a QuantizeLinear absorbs when its range starts at 0: the output is quantized after
+# them, so their clamp costs nothing and no range is spent on negatives.
+_ABSORBED = frozenset({"Relu", "Clip"})
+
+
+@dataclass
+class _ActivationPlan:
+    """Which float tensors of a QDQ graph to quantize so that every int8 Conv fuses."""
+
+    quantize: list[str]  # every reader but a QuantizeLinear reads a DequantizeLinear of these
+    learned: dict[str, str]  # tensor -> the DequantizeLinear of its learned (layer input) numbers
+    dequantized: set[str]  # tensors a DequantizeLinear makes: nothing to do
+
+    @property
+    def to_calibrate(self) -> list[str]:
+        return [t for t in self.quantize if t not in self.learned and t not in self.dequantized]
+
+
+def _activation_plan(graph: Any) -> _ActivationPlan:
+    constants = {init.name for init in graph.initializer} | {
+        output for node in graph.node if node.op_type == "Constant" for output in node.output
+    }
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for tensor in node.input:
+            consumers.setdefault(tensor, []).append(node)
+    dequantized = {node.output[0] for node in graph.node if node.op_type == "DequantizeLinear"}
+    learned: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] not in constants:
+            for reader in consumers.get(node.output[0], []):
+                if reader.op_type == "DequantizeLinear":
+                    learned.setdefault(node.input[0], reader.output[0])
+    # Tensors in the quantized part of the network, in node (topological) order.
+    inside = set(learned) | dequantized
+    quantize: list[str] = []
+    ends: list[str] = []  # outputs of int8 Conv and joins: they must reach a QuantizeLinear
+    for node in graph.node:
+        if node.op_type == "Conv" and node.input[0] in dequantized and node.input[1] in dequantized:
+            inside.add(node.output[0])
+            ends.append(node.output[0])
+        elif node.op_type in _PASS_OPS and node.input and node.input[0] in inside:
+            inside.add(node.output[0])
+        elif node.op_type in _JOIN_OPS:
+            data = [tensor for tensor in node.input if tensor]
+            # A join with a constant (x * 0.5, x + 3) stays float: its constant has no learned
+            # range, and ONNX Runtime handles such a node as a one-input float op anyway.
+            if data and all(t in inside and t not in constants for t in data):
+                quantize.extend(data)
+                inside.add(node.output[0])
+                ends.append(node.output[0])
+    chosen = set(quantize)
+
+    def reaches_quantize(tensor: str) -> bool:
+        readers = consumers.get(tensor, [])
+        return bool(readers) and all(
+            reader.op_type == "QuantizeLinear"
+            or (reader.op_type in _SEE_THROUGH and reaches_quantize(reader.output[0]))
+            for reader in readers
+        )
+
+    outputs = {output.name for output in graph.output}
+    for tensor in ends:
+        readers = consumers.get(tensor, [])
+        if len(readers) == 1 and readers[0].op_type in _ABSORBED:
+            tensor = readers[0].output[0]
+        if tensor not in chosen and tensor not in outputs and not reaches_quantize(tensor):
+            quantize.append(tensor)
+            chosen.add(tensor)
+    return _ActivationPlan(list(dict.fromkeys(quantize)), learned, dequantized)
+
+
+def activation_tensors(model: Any) -> list[str]:
+    """Float tensors of a :func:`quantize_onnx` graph that need a calibrated range.
+
+    These are what stands between an int8 Conv and ONNX Runtime's integer kernels: a Conv's
+    output that reaches no QuantizeLinear (it goes to a residual Add, a Concat, a HardSwish), and
+    the inputs of Add/Mul/Concat nodes whose every input comes from the quantized part of the
+    network. A tensor that already has learned numbers (the input of a quantized layer) needs no
+    range: its DequantizeLinear is reused. Give their ranges to :func:`quantize_activations`.
+    """
+    return _activation_plan(model.graph).to_calibrate
+
+
+def quantize_activations(model: Any, ranges: Mapping[str, tuple[float, float]]) -> Any:
+    """A copy of a :func:`quantize_onnx` graph where every int8 Conv can run on integers.
+
+    Each tensor of the plan (see :func:`activation_tensors`) is read through QuantizeLinear ->
+    DequantizeLinear (uint8, affine, its ``ranges`` entry widened to include 0, as layer inputs
+    are), or through the DequantizeLinear of the learned numbers it already has. ONNX Runtime then
+    fuses every such Conv into QLinearConv and each quantized join into QLinearAdd / QLinearMul /
+    QLinearConcat; a float op between them (HardSwish) reads and writes int8 through Q/DQ.
+
+    Written here rather than with ``onnxruntime.quantization.quantize_static``: that tool derives
+    every scale itself (weights and layer inputs included, and it adjusts weight scales for int32
+    biases), quantizes every op of a type (a transformer's attention-mask Add too) and needs the
+    BatchNormalization folded before it runs, while the scales here must stay those QAT learned,
+    folded exactly with BN; only the joins and Conv outputs QAT does not observe are calibrated.
+
+    Raises:
+        QuantizationError: a tensor of the plan has no entry in ``ranges``.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from lightning_sparse.core.fake_quant import activation_qparams
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    plan = _activation_plan(graph)
+    missing = [t for t in plan.to_calibrate if t not in ranges]
+    if missing:
+        raise QuantizationError(f"no calibrated range for the activations {missing[:5]}.")
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for tensor in node.input:
+            consumers.setdefault(tensor, []).append(node)
+    graph_inputs = {graph_input.name for graph_input in graph.input}
+    front: list[Any] = []
+    after: dict[str, list[Any]] = {}
+    for index, tensor in enumerate(plan.quantize):
+        if tensor in plan.dequantized:
+            continue
+        readers = [r for r in consumers.get(tensor, []) if r.op_type != "QuantizeLinear"]
+        dq = plan.learned.get(tensor)
+        if dq is None:
+            scale, zero_point = activation_qparams(*ranges[tensor])
+            prefix = f"activation{index}"
+            names = (f"{prefix}_scale", f"{prefix}_zero_point", f"{prefix}_q", f"{prefix}_dq")
+            graph.initializer.append(
+                numpy_helper.from_array(np.asarray(scale, np.float32), names[0])
+            )
+            graph.initializer.append(
+                numpy_helper.from_array(np.asarray(zero_point, np.uint8), names[1])
+            )
+            (after.setdefault(tensor, []) if tensor not in graph_inputs else front).extend(
+                [
+                    helper.make_node("QuantizeLinear", [tensor, names[0], names[1]], [names[2]]),
+                    helper.make_node("DequantizeLinear", [names[2], *names[:2]], [names[3]]),
+                ]
+            )
+            dq = names[3]
+        for reader in readers:
+            for position, name in enumerate(reader.input):
+                if name == tensor:
+                    reader.input[position] = dq
+    nodes: list[Any] = list(front)
+    for node in graph.node:
+        nodes.append(node)
+        for output in node.output:
+            nodes.extend(after.get(output, []))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.checker.check_model(out)
+    return out

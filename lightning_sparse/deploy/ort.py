@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ import torch
 __all__ = [
     "OrtModel",
     "interleaved_latency_ms",
+    "tensor_ranges",
     "versions",
 ]
 
@@ -41,6 +42,46 @@ class OrtModel:
         """The first output (logits) for a batch: one array, or arrays by graph input name."""
         feed = dict(inputs) if isinstance(inputs, Mapping) else {self.input_name: inputs}
         return np.asarray(self.session.run(None, feed)[0])
+
+
+def tensor_ranges(
+    model: Any,
+    names: Sequence[str],
+    feeds: Iterable[Mapping[str, np.ndarray]],
+    threads: int | None = None,
+) -> dict[str, tuple[float, float]]:
+    """Min and max of the float tensors ``names`` of ``model`` (a ModelProto) over ``feeds``.
+
+    The tensors become extra graph outputs of a copy, run by ONNX Runtime with basic graph
+    optimizations only, which keep every named tensor.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    present = {output.name for output in probe.graph.output}
+    for name in names:
+        if name not in present:
+            probe.graph.output.append(
+                onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+            )
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    if threads is not None:
+        options.intra_op_num_threads = int(threads)
+    session = ort.InferenceSession(
+        probe.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    ranges: dict[str, tuple[float, float]] = {}
+    for feed in feeds:
+        for name, value in zip(names, session.run(list(names), dict(feed)), strict=True):
+            low, high = float(np.min(value)), float(np.max(value))
+            if name in ranges:
+                low, high = min(low, ranges[name][0]), max(high, ranges[name][1])
+            ranges[name] = (low, high)
+    return ranges
 
 
 def interleaved_latency_ms(

@@ -414,6 +414,7 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
             f"({summary.get('compression_ratio', 0):.1f}x)",
         )
         _add_speed_rows(table, summary)
+        _add_early_exit_rows(table, summary)
     table.add_section()
     for name, value in (summary.get("sparsity_per_layer") or {}).items():
         table.add_row(f"  {name}", _percent(value))
@@ -433,6 +434,30 @@ def summary_footer(summary: Mapping[str, Any]) -> list[str]:
     if git:
         lines.append(f"git commit: {git.get('commit')}{' (dirty)' if git.get('dirty') else ''}")
     return lines
+
+
+def _add_early_exit_rows(table: Table, summary: Mapping[str, Any]) -> None:
+    """The early-exit deployment (export/early_exit): accuracy, latency and exits taken."""
+    stages = summary.get("early_exit")
+    if not isinstance(stages, Mapping):
+        return
+    if stages.get("error"):
+        table.add_row("early-exit stages", f"not written: {stages['error']}")
+        return
+    table.add_row(
+        "early exit: ONNX Runtime accuracy / plain",
+        f"{_percent(stages.get('accuracy'))} / {_percent(stages.get('plain_accuracy'))}",
+    )
+    table.add_row(
+        "early exit: mean latency (batch 1) / plain",
+        f"{stages['mean_ms']:.3f} / {stages['plain_mean_ms']:.3f} ms "
+        f"({stages['speedup']:.2f}x faster)",
+    )
+    fractions = ", ".join(
+        f"{name} {share:.0%}"
+        for name, share in zip([*stages["exits"], "full"], stages["exit_fractions"], strict=True)
+    )
+    table.add_row("early exit: inputs leaving at", fractions)
 
 
 def _add_speed_rows(table: Table, summary: Mapping[str, Any]) -> None:

@@ -485,6 +485,11 @@ def _fit_test_report(
                     run_dir / "export",
                     threads=cfg.get("threads"),
                     dense=dense,
+                    deployments=[
+                        form
+                        for cb in recipe_callbacks.values()
+                        if isinstance(cb, CompressionCallback) and (form := cb.deployment())
+                    ],
                 )
             )
             wrote.append("export")

@@ -14,6 +14,7 @@ from lightning_sparse import KnowledgeDistillation
 from lightning_sparse.callbacks import MagnitudePruning, QuantizationAwareTraining
 from lightning_sparse.callbacks.base import fractional_epoch
 from lightning_sparse.callbacks.distillation import distillation_loss
+from lightning_sparse.core.batch import token_mask
 from lightning_sparse.module import CompressionModule
 from lightning_sparse.run.recipe import RecipeError, instantiate_recipe, load
 from tests.helpers import TinyData, TinyModule, TinyNet, fit_resumable, quiet_trainer
@@ -65,6 +66,37 @@ def test_loss_term_matches_a_hand_computation() -> None:
     torch.testing.assert_close(actual, expected)
     # Identical logits: nothing to learn.
     assert float(distillation_loss(teacher, teacher, temperature)) == pytest.approx(0, abs=1e-7)
+
+
+def test_per_token_loss_averages_over_real_tokens_and_ignores_padding() -> None:
+    generator = torch.Generator().manual_seed(1)
+    student = torch.randn(2, 5, 7, generator=generator)
+    teacher = torch.randn(2, 5, 7, generator=generator)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    expected = distillation_loss(
+        torch.cat([student[0, :3], student[1]]), torch.cat([teacher[0, :3], teacher[1]]), 2.0
+    )
+    actual = distillation_loss(student, teacher, 2.0, mask=mask)
+    torch.testing.assert_close(actual, expected)
+    # Whatever the padding positions hold, the term is the same.
+    noisy = student.clone()
+    noisy[0, 3:] = 100 * torch.randn(2, 7, generator=generator)
+    torch.testing.assert_close(distillation_loss(noisy, teacher, 2.0, mask=mask), expected)
+    # Without a mask every position counts, averaged over tokens (not summed per sample).
+    flat = distillation_loss(student.reshape(-1, 7), teacher.reshape(-1, 7), 2.0)
+    torch.testing.assert_close(distillation_loss(student, teacher, 2.0), flat)
+
+
+def test_token_mask_comes_from_a_hugging_face_batch_of_matching_shape() -> None:
+    logits = torch.zeros(2, 4, 3)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    found = token_mask({"input_ids": torch.zeros(2, 4), "attention_mask": mask}, logits)
+    assert found is not None
+    assert found.dtype == torch.bool
+    assert found.tolist() == mask.bool().tolist()
+    # One prediction per sample, or a tuple batch: no mask.
+    assert token_mask({"attention_mask": mask}, torch.zeros(2, 3)) is None
+    assert token_mask((torch.zeros(2, 4), mask), logits) is None
 
 
 def test_term_is_active_only_inside_its_epochs() -> None:

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_sparse.callbacks.quantization import QuantizationAwareTraining
 from lightning_sparse.core import layers
 from lightning_sparse.core.criteria import criterion_scores
 from lightning_sparse.core.fake_quant import QuantSpec, install
@@ -123,6 +124,16 @@ def test_a_registered_type_is_pruned_and_quantized_along_its_layout() -> None:
     out = model(torch.randn(5, 4))
     assert out.shape == (5, 4)
     assert handle.layers["1"].weight_scale.shape == (4,)  # one per output column
+
+
+@pytest.mark.usefixtures("registry")
+def test_qat_names_a_registered_kinds_weight_by_its_own_name() -> None:
+    register_layer_kind(Bilinear, weight="kernel", input_dim=0, output_dim=1)
+    model = nn.Sequential(nn.Linear(4, 8), Bilinear())
+    qat = QuantizationAwareTraining(start_epoch=0.0)
+    assert list(qat.resolve_targets(model)) == ["0.weight", "1.kernel"]
+    qat._quantized = install(model, ["0", "1"], QuantSpec())
+    assert qat.target_names == ["0.weight", "1.kernel"]
 
 
 @pytest.mark.usefixtures("registry")

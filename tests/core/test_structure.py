@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from lightning_sparse.core.structure import (
+    FACTORIZE,
     KINDS,
     REMOVE_CHANNELS,
     ParamChange,
@@ -256,3 +257,45 @@ def test_a_registered_kind_replays_and_one_parameter_may_become_several() -> Non
         assert isinstance(fresh.fc, nn.Sequential)
     finally:
         KINDS.pop("split_test")
+
+
+def test_factorize_splits_layers_and_replay_rebuilds_their_shapes() -> None:
+    torch.manual_seed(0)
+    net = Net()
+    x = torch.randn(2, 3, 2, 2)
+    before = net.eval()(x)
+    full = {"kind": FACTORIZE, "layers": {"conv": {"rank": 6}, "fc": {"rank": 5}}}
+    changes = apply_change(net, full)
+    # full rank reproduces the layers; the bias moved to the second factor with its state
+    torch.testing.assert_close(net(x), before, atol=1e-5, rtol=1e-5)
+    assert [c.name for c in changes] == [
+        "conv.0.weight",
+        "conv.1.weight",
+        "conv.1.bias",
+        "fc.0.weight",
+        "fc.1.weight",
+        "fc.1.bias",
+    ]
+    assert [bool(c.keep) for c in changes] == [False, False, True] * 2
+    fresh = Net()
+    assert replay(fresh, applied_changes(net)) == 1
+    fresh.load_state_dict(net.state_dict(), strict=True)
+    torch.testing.assert_close(fresh.eval()(x), before, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("layers", "message"),
+    [
+        ({"fc": {"rank": 0}}, r"factorize of 'fc' has rank=0; .* \[1, 5\]"),
+        ({"fc": {"rank": 6}}, r"rank=6"),
+        ({"dw": {"rank": 2}}, r"'dw' \(Conv2d\), which is not a Linear or an ungrouped Conv2d"),
+        ({"bn": {"rank": 2}}, r"'bn' \(BatchNorm2d\)"),
+        ({"nope": {"rank": 2}}, r"names layer 'nope', which the model does not have"),
+    ],
+)
+def test_bad_factorize_changes_name_the_layer(layers: dict, message: str) -> None:
+    net = Net()
+    with pytest.raises(StructureError, match=message):
+        apply_change(net, {"kind": FACTORIZE, "layers": {"conv": {"rank": 2}, **layers}})
+    assert isinstance(net.conv, nn.Conv2d)  # nothing applied
+    assert applied_changes(net) == []

@@ -111,3 +111,42 @@ def test_export_refuses_a_cut_inside_a_skip_connection(tmp_path: Path) -> None:
         )
     with pytest.raises(ValueError, match=r"`thresholds`=\[2\.0\] is not allowed"):
         export_early_exit(Residual(), ["block"], [head], [2.0], torch.randn(1, 1, 4, 4), tmp_path)
+
+
+def test_export_model_writes_a_deployment_and_reports_one_it_cannot_write(
+    exported: Any, tmp_path: Path
+) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_sparse.deploy.export import export_model
+
+    module, heads, _, _ = exported
+    generator = torch.Generator().manual_seed(3)
+    loader = DataLoader(
+        TensorDataset(torch.randn(12, 1, 8, 8, generator=generator), torch.arange(12) % 10),
+        batch_size=5,
+    )
+    spec = {"exits": EXITS, "heads": heads, "thresholds": [0.5, 0.9]}
+    summary = export_model(
+        module,
+        loader,
+        tmp_path / "export",
+        latency_runs=2,
+        deployments=[("early_exit", spec)],
+    )
+    stages = summary["early_exit"]
+    assert stages["dir"] == str(tmp_path / "export" / "early_exit")
+    assert stages["inputs"] == 12
+    assert stages["thresholds"] == [0.5, 0.9]
+    assert stages["plain_accuracy"] == summary["onnx_fp32_acc"]
+    assert (tmp_path / "export" / "early_exit" / MANIFEST_FILE).is_file()
+    # Heads that do not match the exits: the plain export stands, the form reports its error.
+    broken = {"exits": EXITS, "heads": heads[:1], "thresholds": None}
+    summary = export_model(
+        module, loader, tmp_path / "again", latency_runs=2, deployments=[("early_exit", broken)]
+    )
+    assert "1 heads for 2 exits" in summary["early_exit"]["error"]
+    assert (tmp_path / "again" / "model.onnx").is_file()
+    assert not (tmp_path / "again" / "early_exit").exists()
+    with pytest.raises(ValueError, match=r"`deployments`: \['staged'\] not known"):
+        export_model(module, loader, tmp_path / "x", deployments=[("staged", spec)])

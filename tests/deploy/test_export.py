@@ -369,3 +369,31 @@ def test_export_entry_point_exports_a_qat_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(CheckpointMismatchError, match=r"first mismatched key 'model.fc1.weight'"):
         export.run(wrong)
     assert not (tmp_path / "wrong").exists()
+
+
+def test_int8_activation_ranges_are_calibrated_on_validation_not_test_data() -> None:
+    """The test split measures the export; it must not also set the int8 graph's ranges."""
+
+    class OnlyTrain(pl.LightningDataModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.train = torch.full((4, 3), 2.0)
+
+        def train_dataloader(self) -> Any:
+            return torch.utils.data.DataLoader(
+                torch.utils.data.TensorDataset(self.train, torch.zeros(4)), batch_size=4
+            )
+
+    digits = DigitsDataModule()
+    chosen = deploy_export._calibration_inputs(digits)
+    digits.setup("fit")
+    val_x, _ = next(iter(digits.val_dataloader()))
+    digits.setup("test")
+    test_x, _ = next(iter(digits.test_dataloader()))
+    assert torch.equal(chosen, val_x)
+    assert not torch.equal(chosen[: len(test_x)], test_x[: len(chosen)])
+    # No validation split: the training split.
+    assert torch.equal(deploy_export._calibration_inputs(OnlyTrain()), torch.full((4, 3), 2.0))
+    # A DataLoader or an example input: the caller's own choice, used as given.
+    example = torch.randn(2, 1, 8, 8)
+    assert deploy_export._calibration_inputs(example) is example

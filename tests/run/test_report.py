@@ -4,6 +4,7 @@ import importlib.metadata
 import json
 from io import StringIO
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -293,6 +294,31 @@ def test_table_shows_macs_and_the_speed_up_over_the_dense_model() -> None:
     assert "300 / dense 1,200 (25.0%)" in text
     assert "dense fp32 latency (batch 64)" in text
     assert "8.00x" in text
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_table_shows_the_early_exit_stages(broken: bool) -> None:
+    stages: dict[str, Any] = {
+        "exits": ["model.conv1"],
+        "accuracy": 0.972,
+        "plain_accuracy": 0.975,
+        "mean_ms": 0.05,
+        "plain_mean_ms": 0.15,
+        "speedup": 3.0,
+        "exit_fractions": [0.8, 0.2],
+    }
+    if broken:
+        stages = {"error": "cannot cut SmallCNN at 'model.x'"}
+    summary = {"test_acc": 0.97, "dense_bytes": 10, "compressed_bytes": 5, "early_exit": stages}
+    out = StringIO()
+    print_summary(summary, Console(file=out, width=120))
+    text = out.getvalue()
+    if broken:
+        assert "not written: cannot cut SmallCNN at 'model.x'" in text
+    else:
+        assert "97.20% / 97.50%" in text
+        assert "0.050 / 0.150 ms (3.00x faster)" in text
+        assert "model.conv1 80%, full 20%" in text
 
 
 def test_tensor_digest_takes_scalars_and_tells_values_apart() -> None:
