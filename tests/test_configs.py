@@ -93,6 +93,12 @@ MISFITS = {
     ("sparsity_reg", "mobilenet_v3_small"): "`recipe.regularization.params` entry",
     ("sparsity_reg", "bert_tiny"): "`recipe.regularization.params` entry",
     ("sparsity_reg", "gpt2_tiny"): "`recipe.regularization.params` entry",
+    # Network Slimming penalises BatchNorm scales: models without BatchNorm are refused (the CNN
+    # has them with model.model.batch_norm=true).
+    **{
+        ("slimming", model): "`recipe.regularization.params` entry '__ALL_PRUNABLE__' matches no"
+        for model in ("cnn", "mlp", "lenet5", "bert_tiny", "gpt2_tiny")
+    },
 }
 
 

@@ -188,7 +188,7 @@ def test_the_command_runs(
             arg = f"ckpt_path={request.getfixturevalue('trained')}"
         resolved.append(arg)
     entry = resolved[1]
-    multirun = "-m" in resolved[2:] or "hparams_search=pruning_pareto" in resolved
+    multirun = "-m" in resolved[2:] or any(a.startswith("hparams_search=") for a in resolved)
     resuming = any(arg.startswith("resume=") for arg in resolved)
     if entry == "lightning_sparse.train" and not resuming:
         resolved.append("debug=quick")  # every epoch of the recipe, a few batches each

@@ -48,7 +48,9 @@ class SparsityRegularization(CompressionCallback):
     When it acts: on every training step through ``loss_term``, with the strength on the
     fractional-epoch clock (optimizer steps / steps per epoch): 0 before ``start_epoch``, a linear
     ramp to ``strength`` over ``ramp_epochs``, held, 0 from ``end_epoch`` on. The clock is its only
-    state, so a resumed run adds the same term as an uninterrupted one.
+    state, so a resumed run adds the same term as an uninterrupted one. A technique that changes the
+    structure in the same run (channel removal) replaces the parameters it cuts: the penalty
+    follows, resolving ``params`` again on the changed model before its next term.
 
     Logged (``compression/<name>/...``, per epoch): ``penalty`` (the term added, epoch mean),
     ``strength`` (its current weight), ``below_threshold`` (share of all groups whose root mean
@@ -202,11 +204,28 @@ class SparsityRegularization(CompressionCallback):
             return
         self._targets = self.resolve_targets(pl_module)
 
+    def follow_model(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """The targets as ``model`` holds them now, resolved again if a parameter was replaced.
+
+        A structure change (channel removal) sets a new, smaller ``nn.Parameter`` in place of a
+        cut one; a penalty on the old tensor would add a constant with no gradient to the model.
+        """
+        for name, weight in self._targets.items():
+            try:
+                current = model.get_parameter(name)
+            except AttributeError:
+                current = None
+            if current is not weight:
+                self._targets = self.resolve_targets(model)
+                break
+        return self._targets
+
     @override
     def loss_term(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, outputs: Any
     ) -> torch.Tensor:
         """``strength_at(epoch) * sum of the targets' penalties`` for this step (0 outside)."""
+        self.follow_model(pl_module)
         weight = self.strength_at(fractional_epoch(trainer))
         term = torch.zeros((), device=pl_module.device)
         if weight > 0:
@@ -220,6 +239,7 @@ class SparsityRegularization(CompressionCallback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.follow_model(pl_module)
         prefix = f"compression/{self.log_name}"
         metrics: dict[str, float] = {}
         groups = 0

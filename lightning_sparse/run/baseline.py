@@ -78,6 +78,22 @@ class DenseSnapshot(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        self._maybe_take(trainer, pl_module)
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        # A technique may act right after the step that reaches its start_epoch (channel removal
+        # does), before the next batch starts: the snapshot, called first, is taken before it.
+        self._maybe_take(trainer, pl_module)
+
+    def _maybe_take(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.weights is not None:
             return
         now = fractional_epoch(trainer)

@@ -22,6 +22,8 @@ from lightning_sparse.run import plots
 from lightning_sparse.run.files import STATUS_FAILED, STATUS_OK, SUMMARY_FILE
 
 __all__ = [
+    "AXIS_LABELS",
+    "DEFAULT_AXES",
     "LATENCY_KEYS",
     "MARKDOWN_FILE",
     "PLOT_FILE",
@@ -33,6 +35,7 @@ __all__ = [
     "is_sweep",
     "mark_pareto_front",
     "markdown_report",
+    "pareto_axes",
     "pareto_points",
     "pareto_title",
     "write_report",
@@ -49,6 +52,23 @@ SIZE_KEYS = ("size_bytes", "compressed_bytes")
 LATENCY_KEYS = ("latency_ms", "ort_int8_ms", "ort_fp32_ms")
 # Which model a latency key measured, for the table (a plain `latency_ms` says nothing).
 _LATENCY_KINDS = {"ort_int8_ms": "int8", "ort_fp32_ms": "fp32"}
+# What a Pareto front is drawn over: (accuracy, up; cost, down). A sweep whose `objectives` name
+# one summary key to maximise and one to minimise (a multi-objective search) is drawn over those.
+DEFAULT_AXES = ("test_acc", "params_nonzero")
+# Summary keys a front may be drawn over (what `objectives` may name), and their axis labels.
+AXIS_LABELS = {
+    "test_acc": "test accuracy",
+    "val_acc": "validation accuracy",
+    "sparsity": "sparsity",
+    "params_nonzero": "nonzero parameters",
+    "params_total": "parameters",
+    "macs": "MACs per sample",
+    "ort_fp32_ms": "ONNX Runtime fp32 latency (ms)",
+    "ort_int8_ms": "ONNX Runtime int8 latency (ms)",
+    "compressed_bytes": "compressed bytes",
+}
+# Keys whose values are shares in [0, 1], shown in percent.
+_SHARES = {"test_acc", "val_acc", "sparsity"}
 # Hydra writes it at the top of every sweep dir: what tells a sweep from a folder of runs.
 MULTIRUN_FILE = "multirun.yaml"
 
@@ -77,6 +97,18 @@ class RunRecord:
     latency_kind: str | None = None
     error: str | None = None
     pareto: bool = False
+    # Every AXIS_LABELS key the summary holds a number for.
+    metrics: dict[str, float] = field(default_factory=dict)
+    # The job's `objectives` and its sweeper's `direction` (empty when not a search).
+    objectives: list[str] = field(default_factory=list)
+    directions: list[str] = field(default_factory=list)
+
+    def value(self, key: str) -> float | None:
+        """The run's number for summary ``key`` (its own field first, e.g. ``test_acc``)."""
+        own = getattr(self, key, None)
+        if isinstance(own, (int, float)) and not isinstance(own, bool):
+            return float(own)
+        return self.metrics.get(key)
 
     @property
     def failed(self) -> bool:
@@ -138,6 +170,7 @@ def _read_run(sweep_dir: Path, run_dir: Path) -> RunRecord:
         overrides=[str(o) for o in overrides] if isinstance(overrides, list) else [],
         recipe=_choice(run_dir, "recipe"),
     )
+    record.objectives, record.directions = _objectives(run_dir)
     path = run_dir / SUMMARY_FILE
     if not path.is_file():
         record.error = "no summary.json: the job crashed, was killed, or is still running"
@@ -161,7 +194,48 @@ def _read_run(sweep_dir: Path, run_dir: Path) -> RunRecord:
     record.size_bytes = _first_number(summary, export, SIZE_KEYS)[0]
     record.latency_ms, latency_key = _first_number(summary, export, LATENCY_KEYS)
     record.latency_kind = _LATENCY_KINDS.get(latency_key or "")
+    for key in AXIS_LABELS:
+        value = _first_number(summary, export, (key,))[0]
+        if value is not None:
+            record.metrics[key] = value
     return record
+
+
+def _objectives(run_dir: Path) -> tuple[list[str], list[str]]:
+    """The job's ``objectives`` and its sweeper's ``direction`` (from ``.hydra/``)."""
+    config = _read_yaml(run_dir / ".hydra" / "config.yaml")
+    hydra_cfg = _read_yaml(run_dir / ".hydra" / "hydra.yaml")
+    objectives = config.get("objectives") if isinstance(config, dict) else None
+    try:
+        direction = hydra_cfg["hydra"]["sweeper"]["direction"]
+    except (KeyError, TypeError):
+        direction = None
+    if isinstance(objectives, str):
+        objectives = [objectives]
+    if isinstance(direction, str):
+        direction = [direction]
+    return (
+        [str(o) for o in objectives] if isinstance(objectives, list) else [],
+        [str(d).lower() for d in direction] if isinstance(direction, list) else [],
+    )
+
+
+def pareto_axes(records: Sequence[RunRecord]) -> tuple[str, str]:
+    """(accuracy key, cost key) of the front: the search's two objectives, or the default.
+
+    A search that maximises one summary key and minimises another (``objectives: [val_acc,
+    macs]``, ``direction: [maximize, minimize]``) is judged on those; anything else on
+    :data:`DEFAULT_AXES` (test accuracy against nonzero parameters).
+    """
+    for record in records:
+        pairs = list(zip(record.objectives, record.directions, strict=False))
+        if len(pairs) != 2 or len(record.objectives) != 2:
+            continue
+        up = [key for key, way in pairs if way.startswith("max")]
+        down = [key for key, way in pairs if way.startswith("min")]
+        if len(up) == len(down) == 1 and {*up, *down} <= set(AXIS_LABELS):
+            return up[0], down[0]
+    return DEFAULT_AXES
 
 
 def _first_number(
@@ -216,17 +290,30 @@ def collect_runs(sweep_dir: str | Path) -> list[RunRecord]:
     return records
 
 
-def mark_pareto_front(records: Sequence[RunRecord]) -> list[RunRecord]:
-    """Set ``pareto`` on the completed runs no other run beats on both accuracy and size.
+def _scored(
+    records: Sequence[RunRecord], axes: tuple[str, str]
+) -> list[tuple[float, float, RunRecord]]:
+    """(accuracy, cost, run) of the completed runs that have both numbers."""
+    scored = []
+    for record in records:
+        accuracy, cost = record.value(axes[0]), record.value(axes[1])
+        if record.status == STATUS_OK and accuracy is not None and cost is not None:
+            scored.append((accuracy, cost, record))
+    return scored
 
-    A run is dominated when another has accuracy at least as high and at most as many nonzero
-    parameters, and is strictly better in one of the two. Returns the front, smallest first.
+
+def mark_pareto_front(
+    records: Sequence[RunRecord], axes: tuple[str, str] | None = None
+) -> list[RunRecord]:
+    """Set ``pareto`` on the completed runs no other run beats on both accuracy and cost.
+
+    A run is dominated when another has accuracy at least as high and at most its cost, and is
+    strictly better in one of the two. ``axes``: (accuracy key, cost key); None:
+    :func:`pareto_axes` (the search's objectives, else test accuracy and nonzero parameters).
+    Returns the front, cheapest first.
     """
-    scored = [
-        (r.test_acc, r.params_nonzero, r)
-        for r in records
-        if r.status == STATUS_OK and r.test_acc is not None and r.params_nonzero is not None
-    ]
+    axes = axes or pareto_axes(records)
+    scored = _scored(records, axes)
     for record in records:
         record.pareto = False
     front: list[RunRecord] = []
@@ -240,7 +327,7 @@ def mark_pareto_front(records: Sequence[RunRecord]) -> list[RunRecord]:
         if not dominated:
             record.pareto = True
             front.append(record)
-    return sorted(front, key=lambda r: r.params_nonzero or 0)
+    return sorted(front, key=lambda r: r.value(axes[1]) or 0.0)
 
 
 def _cell(text: str) -> str:
@@ -293,6 +380,15 @@ def markdown_report(
     if common:
         lines += ["", "Common overrides: " + " ".join(f"`{o}`" for o in common)]
     columns = ["job", "status", "recipe", "overrides", "test acc", "sparsity", "nonzero params"]
+    # The search's own objectives, where the fixed columns do not show them (val acc, MACs).
+    shown = {"test_acc", "sparsity", "params_nonzero"}
+    extra = [key for key in pareto_axes(records) if key not in shown]
+    extra += [
+        key for r in records for key in r.objectives if key in AXIS_LABELS and key not in shown
+    ]
+    extra = list(dict.fromkeys(extra))
+    extra = [key for key in extra if any(r.value(key) is not None for r in records)]
+    columns += [_column(key) for key in extra]
     with_size = any(r.size_bytes is not None for r in records)
     with_latency = any(r.latency_ms is not None for r in records)
     kinds = {r.latency_kind for r in records if r.latency_ms is not None}
@@ -310,6 +406,7 @@ def markdown_report(
             _percent(r.test_acc),
             _percent(r.sparsity),
             "—" if r.params_nonzero is None else f"{r.params_nonzero:,}",
+            *(_format(key, r.value(key)) for key in extra),
         ]
         if with_size:
             cells.append(_size(r.size_bytes))
@@ -325,6 +422,19 @@ def markdown_report(
         for r in failed:
             lines.append(f"- `{r.job}` ({r.run_dir}): {_cell(_first_line(r.error)[:300])}")
     return "\n".join(lines) + "\n"
+
+
+def _column(key: str) -> str:
+    label = AXIS_LABELS.get(key, key)
+    return label.replace("validation accuracy", "val acc")
+
+
+def _format(key: str, value: float | None) -> str:
+    if value is None:
+        return "—"
+    if key in _SHARES:
+        return _percent(value)
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
 
 def write_report(
@@ -357,8 +467,14 @@ def write_report(
     (output / MARKDOWN_FILE).write_text(text)
     plot_path: Path | None = None
     if plot and sweep and plots.plots_available():
+        accuracy, cost = pareto_axes(records)
         plot_path = plots.plot_pareto(
-            pareto_points(records), output / PLOT_FILE, title=pareto_title(records, sweep_dir)
+            pareto_points(records),
+            output / PLOT_FILE,
+            title=pareto_title(records, sweep_dir),
+            xlabel=AXIS_LABELS[cost],
+            ylabel=f"{AXIS_LABELS[accuracy]} (%)" if accuracy in _SHARES else AXIS_LABELS[accuracy],
+            percent=accuracy in _SHARES,
         )
     elif plot and sweep:
         log.info("matplotlib is not installed (extra `plots`): no Pareto plot.")
@@ -376,13 +492,18 @@ def _point_label(record: RunRecord, common: Sequence[str]) -> str:
     )
 
 
-def pareto_points(records: Sequence[RunRecord]) -> list[tuple[str, float, float, bool]]:
-    """``(label, nonzero params, accuracy, on the front)`` of each completed run, for the plot."""
+def pareto_points(
+    records: Sequence[RunRecord], axes: tuple[str, str] | None = None
+) -> list[tuple[str, float, float, bool]]:
+    """``(label, cost, accuracy, on the front)`` of each completed run, for the plot.
+
+    The label is what was swept (``width=16, final_sparsity=0.5``); ``axes`` as in
+    :func:`mark_pareto_front`.
+    """
     common = _common_overrides(records) if len(records) > 1 else []
     return [
-        (_point_label(r, common), float(r.params_nonzero), r.test_acc, r.pareto)
-        for r in records
-        if r.status == STATUS_OK and r.test_acc is not None and r.params_nonzero is not None
+        (_point_label(r, common), cost, accuracy, r.pareto)
+        for accuracy, cost, r in _scored(records, axes or pareto_axes(records))
     ]
 
 
@@ -395,7 +516,8 @@ def pareto_title(records: Sequence[RunRecord], sweep_dir: Path) -> str:
     recipes = sorted({r.recipe for r in records if r.recipe})
     what = f"{', '.join(recipes)}: " if recipes else ""
     over = f" over {', '.join(swept)}" if swept else ""
-    title = f"{what}test accuracy vs nonzero parameters{over}"
+    accuracy, cost = pareto_axes(records)
+    title = f"{what}{AXIS_LABELS[accuracy]} vs {AXIS_LABELS[cost]}{over}"
     failed = sum(r.failed for r in records)
     if failed:
         title += f" ({failed} failed, not shown)"

@@ -97,35 +97,45 @@ def plot_sparsity_schedule(
 
 
 def plot_pareto(
-    points: Sequence[tuple[str, float, float, bool]], path: str | Path, title: str = ""
+    points: Sequence[tuple[str, float, float, bool]],
+    path: str | Path,
+    title: str = "",
+    xlabel: str = "nonzero parameters",
+    ylabel: str = "test accuracy (%)",
+    percent: bool = True,
 ) -> Path:
-    """Accuracy against nonzero parameters, the Pareto front joined by a line; a PNG at ``path``.
+    """Accuracy against a cost, the Pareto front joined by a line; a PNG at ``path``.
 
     Args:
-        points: ``(label, nonzero params, accuracy in [0, 1], on the Pareto front)`` per run.
+        points: ``(label, cost, accuracy, on the Pareto front)`` per run; the label (what was
+            swept) is written beside its point.
         path: where the PNG goes.
         title: the plot's title (e.g. the sweep dir).
+        xlabel: the cost's axis label.
+        ylabel: the accuracy's axis label.
+        percent: accuracies are shares in [0, 1], drawn in percent.
     """
+    scale = 100.0 if percent else 1.0
     figure = _figure(7.0, 5.0)
     axes = figure.add_subplot()
     others = [p for p in points if not p[3]]
     front = sorted((p for p in points if p[3]), key=lambda p: p[1])
     if others:
         axes.scatter(
-            [p[1] for p in others], [100 * p[2] for p in others], color="tab:gray", label="run"
+            [p[1] for p in others], [scale * p[2] for p in others], color="tab:gray", label="run"
         )
     if front:
         axes.plot(
             [p[1] for p in front],
-            [100 * p[2] for p in front],
+            [scale * p[2] for p in front],
             "o-",
             color="tab:red",
             label="Pareto front",
         )
     for label, size, accuracy, _ in points:
-        axes.annotate(label, (size, 100 * accuracy), textcoords="offset points", xytext=(4, 4))
-    axes.set_xlabel("nonzero parameters")
-    axes.set_ylabel("test accuracy (%)")
+        axes.annotate(label, (size, scale * accuracy), textcoords="offset points", xytext=(4, 4))
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
     axes.set_title(title or "Accuracy vs size")
     if points:
         axes.legend(loc="lower right")

@@ -76,8 +76,21 @@ log = logging.getLogger(__name__)
 
 RECIPE_FILE = "recipe.yaml"
 RANKS_DIR = "ranks"
-# Summary keys a sweeper may optimise (`objectives: [...]` in the config).
-OBJECTIVE_KEYS = ("test_acc", "val_acc", "sparsity", "params_nonzero", "params_total")
+# Summary keys a sweeper may optimise (`objectives: [...]` in the config). val_acc is the
+# validation accuracy at the end of training (the last validation pass, not the best epoch's).
+OBJECTIVE_KEYS = (
+    "test_acc",
+    "val_acc",
+    "sparsity",
+    "params_nonzero",
+    "params_total",
+    "macs",
+    "ort_fp32_ms",
+    "ort_int8_ms",
+    "compressed_bytes",
+)
+# Those the export measures (deploy.export): with `export: false` the summary has none of them.
+EXPORT_OBJECTIVES = ("macs", "ort_fp32_ms", "ort_int8_ms", "compressed_bytes")
 
 
 def _is_rank_zero() -> bool:
@@ -155,6 +168,11 @@ def objective_names(cfg: DictConfig) -> list[str]:
         if name not in OBJECTIVE_KEYS:
             raise ConfigError(
                 f"objectives: {name!r} is not a summary metric; choose from {OBJECTIVE_KEYS}."
+            )
+        if name in EXPORT_OBJECTIVES and not cfg.get("export", True):
+            raise ConfigError(
+                f"objectives: {name!r} is measured by the export, which `export`=false skips; "
+                "set export=true or choose another objective."
             )
     return names
 

@@ -212,3 +212,46 @@ def test_recipe_sparsity_reg_regularizes_then_masks_whole_channels() -> None:
         zero_rows = (weight.reshape(weight.shape[0], -1) == 0).all(dim=1)
         assert zero_rows.float().mean().item() == pytest.approx(0.5), layer
     assert (module.model.fc2.weight != 0).all()
+
+
+class BnTerms(SparsityRegularization):
+    """Keeps (step, term, strength * sum |gamma| of the BatchNorm scales the model holds)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(penalty="bn_scale", **kwargs)
+        self.terms: list[tuple[int, float, float]] = []
+
+    def loss_term(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, outputs: Any
+    ) -> torch.Tensor:
+        term = super().loss_term(trainer, pl_module, batch, outputs)
+        scales = [m.weight for m in pl_module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        by_hand = self.strength_at(trainer.global_step / STEPS_PER_EPOCH) * float(
+            sum(s.detach().abs().sum() for s in scales)
+        )
+        self.terms.append((trainer.global_step, float(term.detach()), by_hand))
+        return term
+
+
+def test_penalty_follows_the_scales_a_channel_removal_replaces() -> None:
+    from lightning_sparse.callbacks import ChannelPruning
+
+    torch.manual_seed(0)
+    regularization = BnTerms(strength=1e-2)
+    channel = ChannelPruning(
+        final_sparsity=0.5, start_epoch=1.0, end_epoch=1.0, importance="bn_scale"
+    )
+    model = SmallCNN(in_channels=4, num_classes=4, width=4, input_size=4, batch_norm=True)
+    module = ClassificationModule(model, num_classes=4)
+    quiet_trainer(max_epochs=2, callbacks=[regularization, channel]).fit(module, TinyData())
+    assert model.bn2.num_features < 8  # channels were removed at epoch 1
+    # The penalty acts on the parameters the model holds now, not on the cut-away ones ...
+    for name in regularization.target_names:
+        assert module.get_parameter(name) is regularization.follow_model(module)[name]
+    assert len(regularization.terms) == 20
+    for step, term, by_hand in regularization.terms:
+        assert term == pytest.approx(by_hand, rel=1e-5), step
+    # ... so its gradient still reaches them: with Adam every scale moves after the removal.
+    before = model.bn2.weight.detach().clone()
+    quiet_trainer(max_epochs=3, callbacks=[regularization]).fit(module, TinyData())
+    assert (model.bn2.weight.detach() != before).all()

@@ -195,6 +195,80 @@ def test_optuna_pareto_search_over_sparsity_and_width(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_compression_nas_search_on_validation_accuracy_and_macs(tmp_path: Path) -> None:
+    sweep = tmp_path / "nas"
+    result = run_sweep(
+        "hparams_search=compression_nas",
+        "hydra/launcher=joblib",
+        "hydra.sweeper.n_trials=2",
+        # a smaller search space than the shipped one
+        "model.model.width=choice(4,8)",
+        "model.model.depth=choice(2,3)",
+        "model.model.hidden=choice(16,32)",
+        "data=synthetic",
+        "trainer.max_epochs=1",
+        "trainer.enable_model_summary=false",
+        "recipe.channel.start_epoch=0.5",
+        "recipe.channel.end_epoch=1",
+        "baseline=null",
+        f"hydra.sweep.dir={sweep}",
+        tmp_path=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    hydra_cfg = yaml.safe_load((sweep / "0" / ".hydra" / "hydra.yaml").read_text())["hydra"]
+    assert hydra_cfg["sweeper"]["direction"] == ["maximize", "minimize"]
+    assert hydra_cfg["runtime"]["choices"]["recipe"] == "channel"
+
+    trials = {}
+    for job in job_dirs(sweep):
+        overrides = dict(o.split("=", 1) for o in overrides_of(job))
+        summary = read_summary(job)
+        assert summary["status"] == "ok"
+        assert summary["macs"] <= summary["macs_dense"]
+        key = tuple(
+            float(overrides[k]) if k.startswith("recipe.") else int(overrides[k])
+            for k in (
+                "model.model.width",
+                "model.model.depth",
+                "model.model.hidden",
+                "recipe.channel.final_sparsity",
+            )
+        )
+        trials[key] = summary
+    assert len(trials) == 2
+
+    # Optuna got (validation accuracy, MACs) of each trial; no test accuracy among them.
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert results["solutions"]
+    for solution in results["solutions"]:
+        params = solution["params"]
+        summary = trials[
+            (
+                params["model.model.width"],
+                params["model.model.depth"],
+                params["model.model.hidden"],
+                params["recipe.channel.final_sparsity"],
+            )
+        ]
+        assert solution["values"] == [summary["val_acc"], summary["macs"]]
+
+    # The comparison is over the search's objectives, each point labelled with its trial's values.
+    assert compare_main([str(sweep), "--output-dir", str(tmp_path / "cmp")]) == 0
+    text = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "val acc" in text
+    assert "MACs per sample" in text
+    assert (tmp_path / "cmp" / "pareto.png").is_file()
+    from lightning_sparse.run.compare import collect_runs, pareto_axes, pareto_points
+
+    records = collect_runs(sweep)
+    assert pareto_axes(records) == ("val_acc", "macs")
+    # Labels hold the values that differ between trials (what tells their points apart).
+    labels = [label for label, *_ in pareto_points(records)]
+    assert len(labels) == 2
+    assert all("final_sparsity=" in label for label in labels)
+
+
+@pytest.mark.slow
 def test_slurm_launcher_renders_the_job_script(tmp_path: Path) -> None:
     # No cluster here: `srun` and `sbatch` are stand-ins that only exist (submitit checks for
     # srun) and refuse (sbatch), so everything up to the submission is the real plugin's work.
@@ -259,6 +333,16 @@ def test_launcher_and_search_configs_compose() -> None:
         "model.model.width",
     }
     assert list(search.objectives) == ["test_acc", "params_nonzero"]
+    nas = compose_config(["hparams_search=compression_nas"], return_hydra_config=True)
+    assert list(nas.objectives) == ["val_acc", "macs"]
+    assert list(nas.hydra.sweeper.direction) == ["maximize", "minimize"]
+    assert set(nas.hydra.sweeper.params) == {
+        "model.model.width",
+        "model.model.depth",
+        "model.model.hidden",
+        "recipe.channel.final_sparsity",
+    }
+    assert nas.hydra.runtime.choices.recipe == "channel"
 
 
 @pytest.mark.parametrize(

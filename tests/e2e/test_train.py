@@ -426,6 +426,14 @@ def test_no_result_is_none_never_nan(summary: dict[str, Any]) -> None:
     assert objective_values(summary, ["test_acc", "params_nonzero"]) is None
 
 
+def test_an_objective_the_export_measures_needs_the_export(compose_run_cfg: ComposeRunCfg) -> None:
+    assert objective_names(compose_run_cfg("objectives=[val_acc,macs]")) == ["val_acc", "macs"]
+    cfg = compose_run_cfg(*QUICK, "objectives=[val_acc,macs]", "export=false")
+    with pytest.raises(ConfigError, match="objectives: 'macs' is measured by the export"):
+        run(cfg)
+    assert not Path(cfg.output_dir).exists()
+
+
 def test_unknown_objective_is_refused_before_training(compose_run_cfg: ComposeRunCfg) -> None:
     cfg = compose_run_cfg(*QUICK, "objectives=[test_acc,flops]")
     with pytest.raises(ConfigError, match="objectives: 'flops' is not a summary metric"):

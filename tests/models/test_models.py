@@ -28,6 +28,38 @@ def test_small_cnn_other_shapes(channels: int, size: int, width: int) -> None:
     assert model(torch.zeros(2, channels, size, size)).shape == (2, 7)
 
 
+def test_small_cnn_depth_hidden_and_batch_norm() -> None:
+    model = SmallCNN(width=4, depth=3, hidden=16, batch_norm=True)
+    assert list(prunable_parameters(model)) == [
+        "conv1.weight",
+        "conv2.weight",
+        "conv3.weight",
+        "fc1.weight",
+        "fc2.weight",
+    ]
+    assert model.conv3.weight.shape == (8, 8, 3, 3)
+    assert model.conv1.bias is None  # the BatchNorm's shift replaces it
+    assert [name for name, _ in model.named_children()] == [
+        "conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "pool", "fc1", "fc2"
+    ]  # fmt: skip
+    assert model.bn3.num_features == 8
+    assert model.fc2.weight.shape == (10, 16)
+    assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_small_cnn_defaults_keep_the_original_state_dict_keys() -> None:
+    assert list(SmallCNN().state_dict()) == [
+        "conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias",
+        "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(("field", "value"), [("depth", 1), ("hidden", 0)])
+def test_small_cnn_rejects_bad_depth_and_hidden(field: str, value: int) -> None:
+    with pytest.raises(ValueError, match=f"`{field}`={value}"):
+        SmallCNN(**{field: value})
+
+
 def test_small_cnn_rejects_odd_input_size() -> None:
     with pytest.raises(ValueError, match="`input_size`=7"):
         SmallCNN(input_size=7)

@@ -149,3 +149,23 @@ def test_summary_table_without_a_dense_phase() -> None:
     assert "dense acc. (none: compressed from 0)" in text
     assert "vs dense" not in text
     assert "dense acc." not in _render({"test_acc": 0.9})  # baseline=null: no rows
+
+
+def test_a_removal_at_the_snapshot_epoch_comes_after_the_snapshot() -> None:
+    # A one-shot removal at epoch 1.0 acts right after the step that reaches it (the last batch
+    # of epoch 0); the snapshot, due at the same epoch, must hold the weights from before it.
+    from lightning_sparse.callbacks import ChannelPruning
+    from lightning_sparse.module import CompressionModule
+
+    class Module(CompressionModule, TinyModule):
+        pass
+
+    pl.seed_everything(0)
+    module, snapshot = Module(), DenseSnapshot(1.0)
+    pruning = ChannelPruning(final_sparsity=0.5, start_epoch=1, end_epoch=1)
+    quiet_trainer(max_epochs=2, callbacks=[snapshot, pruning]).fit(module, TinyData())
+    assert module.model.conv1.out_channels < 8
+    assert snapshot.taken_at == 1.0
+    assert snapshot.structure_changes == 0
+    assert snapshot.weights is not None
+    assert snapshot.weights["model.conv1.weight"].shape[0] == 8

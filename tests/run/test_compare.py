@@ -276,3 +276,44 @@ def test_sweep_report_passes_a_clean_sweep_and_ignores_a_missing_dir(tmp_path: P
 
 def test_sweep_report_can_leave_the_exit_code_alone(sweep: Path) -> None:
     SweepReport(fail_on_failed_jobs=False, plot=False).on_multirun_end(config=hydra_config(sweep))
+
+
+def test_a_search_is_judged_on_its_own_objectives(tmp_path: Path) -> None:
+    # objectives: [val_acc, macs], direction: [maximize, minimize]: the front, the table and the
+    # plot are over validation accuracy and MACs, not test accuracy and nonzero parameters.
+    results = {  # job: (width, val_acc, macs); test accuracy and nonzero params would disagree
+        "0": (8, 0.90, 1000.0),
+        "1": (16, 0.95, 4000.0),
+        "2": (32, 0.93, 9000.0),  # dominated by job 1 on (val_acc, macs)
+    }
+    for job, (width, val_acc, macs) in results.items():
+        summary = ok(1.0 - val_acc, int(macs), val_acc=val_acc, export={"macs": macs})
+        run = make_job(tmp_path, job, [*COMMON, f"model.model.width={width}"], summary)
+        hydra_yaml = {
+            "hydra": {
+                "mode": "MULTIRUN",
+                "runtime": {"choices": {"recipe": "gmp"}},
+                "sweeper": {"direction": ["maximize", "minimize"]},
+            }
+        }
+        (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra_yaml))
+        (run / ".hydra" / "config.yaml").write_text(
+            yaml.safe_dump({"objectives": ["val_acc", "macs"]})
+        )
+    records = collect_runs(tmp_path)
+    assert [r.pareto for r in records] == [True, True, False]
+    assert pareto_points(records) == [
+        ("width=8", 1000.0, 0.90, True),
+        ("width=16", 4000.0, 0.95, True),
+        ("width=32", 9000.0, 0.93, False),
+    ]
+    assert pareto_title(records, tmp_path).startswith(
+        "gmp: validation accuracy vs MACs per sample over model.model.width"
+    )
+    text, _, plot = write_report(tmp_path)
+    header = next(line for line in text.splitlines() if line.startswith("| job"))
+    assert "val acc" in header
+    assert "MACs per sample" in header
+    assert "| 93.00% | 9,000 |" in text
+    assert plot is not None
+    assert plot.is_file()

@@ -1,0 +1,110 @@
+"""``scripts/benchmark_slimming.py``: its variants, dominance and markdown, from made-up summaries
+(no training, no timing asserted)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "benchmark_slimming.py"
+
+
+@pytest.fixture(scope="module")
+def bench() -> Iterator[ModuleType]:
+    spec = importlib.util.spec_from_file_location("benchmark_slimming_script", SCRIPT)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]
+
+
+def _args(**kwargs: Any) -> argparse.Namespace:
+    defaults: dict[str, Any] = {
+        "seeds": [0, 1],
+        "epochs": 30,
+        "removal_epoch": 20.0,
+        "warmup": 2.0,
+        "strengths": [1e-4],
+        "argv": [],
+    }
+    return argparse.Namespace(**{**defaults, **kwargs})
+
+
+def _summary(val: float, macs: int, test: float = 0.9) -> dict[str, Any]:
+    return {"status": "ok", "val_acc": val, "test_acc": test, "macs": macs, "macs_dense": 1000}
+
+
+def test_every_variant_removes_half_the_macs_on_the_same_schedule(bench: ModuleType) -> None:
+    variants = dict(bench.slimming_variants(_args(strengths=[1e-4, 1e-3])))
+    assert list(variants) == [
+        "channel removal, l1 (no penalty)",
+        "channel removal, bn_scale (no penalty)",
+        "slimming, penalty 0.0001",
+        "slimming, penalty 0.001",
+    ]
+    for overrides in variants.values():
+        assert "recipe=slimming" in overrides
+        assert "recipe.channel.final_sparsity=0.5" in overrides
+        assert "recipe.channel.start_epoch=20.0" in overrides
+    assert "~recipe.regularization" in variants["channel removal, l1 (no penalty)"]
+    assert "recipe.regularization.strength=0.001" in variants["slimming, penalty 0.001"]
+
+
+@pytest.mark.parametrize(
+    ("trial", "dominates"),
+    [
+        ((0.95, 400), True),  # as accurate, cheaper
+        ((0.96, 1000), True),  # more accurate, as cheap
+        ((0.95, 1000), False),  # the same point
+        ((0.97, 1200), False),  # more accurate, dearer
+        ((0.90, 100), False),  # cheaper, less accurate
+    ],
+)
+def test_dominance_needs_both_and_one_strictly(
+    bench: ModuleType, trial: tuple[float, int], dominates: bool
+) -> None:
+    assert bench._dominates(_summary(*trial), _summary(0.95, 1000)) is dominates
+
+
+def test_render_reports_seeds_macs_and_the_dominating_trials(bench: ModuleType) -> None:
+    run = {"command": "python -m lightning_sparse.train recipe=slimming"}
+    slim = [
+        {
+            "variant": "slimming, penalty 0.0001",
+            "runs": [
+                {**run, "summary": _summary(0.90, 500)},
+                {**run, "summary": _summary(0.92, 500)},
+            ],
+        }
+    ]
+    search = {
+        "main": {"command": "python -m lightning_sparse.train", "summary": _summary(0.95, 1000)},
+        "command": "python -m lightning_sparse.train hparams_search=compression_nas",
+        "front": 1,
+        "trials": [
+            {
+                "job": "0",
+                "params": {"width": "8", "depth": "2", "hidden": "32", "final_sparsity": "0.5"},
+                "summary": _summary(0.96, 300),
+            },
+            {"job": "1", "params": {}, "summary": {"status": "failed"}},
+        ],
+    }
+    text = bench.render(slim, search, _args())
+    assert "| slimming, penalty 0.0001 | 91.00 ± 1.41 | 90.00 ± 0.00 | 500 |" in text
+    assert "1,000 MACs dense" in text
+    assert "1 of the trials dominate it" in text
+    assert "| 0 | 8 | 2 | 32 | 50% | 96.00 | 300 | 90.00 | yes |" in text
+    assert "| 1 | failed |" in text
