@@ -36,6 +36,10 @@ format: install
 typecheck: install
 	$(BIN)/mypy
 
+# Two workers, one per core of the machine the suite is sized for; tests/conftest.py keeps each
+# file on one worker and spreads the README's commands. PYTEST_ARGS= runs it in one process.
+PYTEST_ARGS ?= -n 2 --dist loadgroup
+
 pytest: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

@@ -9,7 +9,35 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
+
+
+# `make test` runs the suite on two pytest-xdist workers (one per core) with `--dist loadgroup`.
+# Each file stays on one worker (its module fixtures, e.g. a trained run, are built once), except
+# the README's commands, which are independent runs of the app: they are spread one by one, last,
+# to fill whichever worker is free. Files of whole runs go first, so the longest units start
+# early (longest-first is what keeps two workers finishing together).
+_SPREAD = ("tests/test_readme.py",)
+_FIRST = ("tests/e2e/", "tests/scripts/", "tests/examples/")
+
+
+def _rank(item: pytest.Item) -> int:
+    path = item.nodeid.split("::", 1)[0]
+    if path in _SPREAD:
+        return 2
+    return 0 if path.startswith(_FIRST) else 1
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    items.sort(key=_rank)  # stable: files and tests keep their order within a rank
+    for item in items:
+        path = item.nodeid.split("::", 1)[0]
+        if path not in _SPREAD:
+            item.add_marker(pytest.mark.xdist_group(path))
