@@ -90,6 +90,18 @@ def run_config(cfg: DictConfig, checkpoint: Path) -> tuple[str | None, dict[str,
     return name, recipe
 
 
+def _run_seed(checkpoint: Path) -> int | None:
+    """The seed the checkpoint's run was trained with (its stored config), or None if unknown."""
+    from lightning_sparse.run.resume import ResumeError, stored_config
+
+    try:
+        stored, _ = stored_config(checkpoint)
+    except ResumeError:
+        return None
+    seed = stored.get("seed")
+    return int(seed) if isinstance(seed, int) and not isinstance(seed, bool) else None
+
+
 def _command_line() -> list[str]:
     from hydra.core.hydra_config import HydraConfig
 
@@ -119,6 +131,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(int(cfg.seed), workers=True)
     checkpoint = readable_checkpoint(str(cfg.ckpt_path), field="ckpt_path")
     recipe_name, recipe = run_config(cfg, checkpoint)
+    trained_seed = _run_seed(checkpoint)
     job.check_paths(cfg)
     datamodule = job.build_data(cfg)
     module: pl.LightningModule = instantiate(cfg.model)
@@ -149,7 +162,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         [],
         test_acc=test_acc,
         val_acc=None,
-        seed=int(cfg.seed),
+        # The summary describes the trained model: its run's seed (the export's own seeds only
+        # its calibration order), the export's when the checkpoint does not say.
+        seed=trained_seed if trained_seed is not None else int(cfg.seed),
         epochs=finished_epochs(checkpoint) or 0,
         recipe_name=recipe_name,
         recipe=recipe,

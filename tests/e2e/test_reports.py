@@ -58,13 +58,16 @@ def test_export_takes_a_run_dir_and_the_runs_own_model_and_data(
 ) -> None:
     run_dir, trained_summary = trained
     capsys.readouterr()
-    summary = run_entry(export.run, "export", tmp_path, f"ckpt_path='{run_dir}'", "latency_runs=2")
+    summary = run_entry(
+        export.run, "export", tmp_path, f"ckpt_path='{run_dir}'", "latency_runs=2", "seed=7"
+    )
     # The run's own model (an MLP on synthetic data), with its int8 scales, as trained.
     assert summary["test_acc"] == trained_summary["test_acc"]
     assert summary["onnx_int8_acc"] == trained_summary["onnx_int8_acc"]
     assert summary["sparsity"] == pytest.approx(0.8, abs=1e-3)
     assert summary["recipe"]["name"] == "gmp_qat"
     assert summary["epochs"] == 3
+    assert summary["seed"] == trained_summary["seed"] != 7  # the trained run's, not the export's
     assert json.loads((tmp_path / "summary.json").read_text())["stage"] == "export"
     out = capsys.readouterr().out
     assert "lightning_sparse: gmp_qat" in out  # the table `train` prints
