@@ -28,7 +28,8 @@ Run from the repository root::
 and with channels removed in one shot, each fp32 and int8), with no training run.
 
 Only the block between ``<!-- deploy:start -->`` and ``<!-- deploy:end -->`` is replaced (appended
-if missing); the rest of the file is kept byte for byte.
+if missing; ``--untrained``: the ``deploy-untrained`` block); the rest of the file is kept byte for
+byte.
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ from lightning_sparse.run.markdown import write_marked_block
 
 REPO = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- deploy:start -->", "<!-- deploy:end -->"
+# --untrained writes its own block, so the trained benchmark and the latency-only one sit side by
+# side.
+UNTRAINED = "deploy-untrained"
 DEFAULT_OUTPUT = Path("docs/benchmarks.md")
 TIME_FILE = "benchmark_time.json"
 COMMON = ["model=resnet18", "data=mnist5k", "trainer.enable_progress_bar=false"]
@@ -516,9 +520,17 @@ def untrained_markdown(results: dict[str, Any]) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
-def write_section(path: Path, markdown: str) -> None:
-    """Replace the deploy block of ``path`` (or append it); leave the rest of the file as it is."""
-    write_marked_block(path, BEGIN, END, markdown)
+def write_section(path: Path, markdown: str, untrained: bool = False) -> None:
+    """Replace the deploy block of ``path`` (or append it); leave the rest of the file as it is.
+
+    ``untrained``: the ``deploy-untrained`` block instead.
+    """
+    if untrained:
+        write_marked_block(
+            path, f"<!-- {UNTRAINED}:start -->", f"<!-- {UNTRAINED}:end -->", markdown
+        )
+    else:
+        write_marked_block(path, BEGIN, END, markdown)
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -574,7 +586,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         results = run(settings_from(args), command)
         markdown = deploy_markdown(results)
-    write_section(args.output, markdown)
+    write_section(args.output, markdown, untrained=args.untrained)
     print(markdown)
 
 

@@ -108,6 +108,11 @@ def test_the_section_is_replaced_and_the_rest_kept(bench: ModuleType, tmp_path: 
         path.read_text()
         == "# Benchmarks\n\nother\n\n<!-- deploy:start -->\nfirst\n<!-- deploy:end -->\n"
     )
+    bench.write_section(path, "untrained", untrained=True)
+    assert "<!-- deploy-untrained:start -->\nuntrained\n<!-- deploy-untrained:end -->" in (
+        path.read_text()
+    )
     bench.write_section(path, "second")
     assert "first" not in path.read_text()
+    assert "untrained" in path.read_text()  # the other block stays
     assert path.read_text().startswith("# Benchmarks\n\nother\n")
