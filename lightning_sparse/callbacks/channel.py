@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,10 +17,10 @@ from lightning_sparse.callbacks.base import (
     fractional_epoch,
     to_plain,
 )
-from lightning_sparse.callbacks.structure import StructuralCompression
+from lightning_sparse.callbacks.structure import StructuralCompression, plain_copy
 from lightning_sparse.core.channels import IMPORTANCES, TARGETS, ChannelPlan, plan_removal
 from lightning_sparse.core.pruning_backend import channel_groups, require
-from lightning_sparse.core.structure import applied_changes, count_macs
+from lightning_sparse.core.structure import applied_changes
 from lightning_sparse.core.targets import (
     ALL_PRUNABLE,
     output_layer,
@@ -29,7 +28,6 @@ from lightning_sparse.core.targets import (
     prunable_parameters,
     resolve_params,
 )
-from lightning_sparse.module import copy_without_trainer, drop_instance_forwards
 
 __all__ = ["ChannelPruning", "kept_outputs", "plain_copy", "propose_channel_removal"]
 
@@ -41,13 +39,6 @@ def kept_outputs(model: nn.Module, selected: Sequence[str], head: str | None) ->
     keep = [name for name in layers if name not in chosen]
     head_layer = output_layer(model, head)
     return keep if head_layer in keep else [*keep, head_layer]
-
-
-def plain_copy(model: nn.Module) -> nn.Module:
-    """A float copy of ``model`` in eval mode to trace and measure (no trainer, no fake quant)."""
-    if isinstance(model, pl.LightningModule):
-        return drop_instance_forwards(copy_without_trainer(model)).eval()
-    return drop_instance_forwards(copy.deepcopy(model)).eval()
 
 
 def propose_channel_removal(
@@ -98,11 +89,6 @@ def propose_channel_removal(
         round_to=round_to,
         taylor=taylor,
     )
-
-
-def _example(batch: Any) -> torch.Tensor | None:
-    inputs = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
-    return inputs[:1].detach() if isinstance(inputs, torch.Tensor) else None
 
 
 class ChannelPruning(ScheduledCompression, StructuralCompression):
@@ -219,9 +205,6 @@ class ChannelPruning(ScheduledCompression, StructuralCompression):
         self.head = head
         self.round_to = round_to
         self._targets: list[str] = []
-        self._dense_macs: int | None = None
-        self._macs: int | None = None
-        self._example: torch.Tensor | None = None
         self._taylor: dict[str, torch.Tensor] = {}
 
     # ----------------------------------------------------------------------------------------
@@ -246,16 +229,6 @@ class ChannelPruning(ScheduledCompression, StructuralCompression):
         label = "target MACs removed" if self.target == "macs" else "target channels removed"
         return {label: [self.schedule.sparsity_at(e) for e in epochs]}
 
-    @property
-    def dense_macs(self) -> int | None:
-        """Per-sample MACs of the model before the first removal (None until measured)."""
-        return self._dense_macs
-
-    @property
-    def macs(self) -> int | None:
-        """Per-sample MACs of the model after the last update (None until measured)."""
-        return self._macs
-
     # ----------------------------------------------------------------------------------------
     # Lightning hooks
 
@@ -270,8 +243,7 @@ class ChannelPruning(ScheduledCompression, StructuralCompression):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._example is None:
-            self._example = _example(batch)
+        self._keep_example(batch)
         self._maybe_update(trainer, pl_module)
 
     @override
@@ -304,14 +276,12 @@ class ChannelPruning(ScheduledCompression, StructuralCompression):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        prefix = f"compression/{self.log_name}"
         metrics = {
-            f"{prefix}/params": float(sum(p.numel() for p in pl_module.parameters())),
-            f"{prefix}/target": float(self.schedule.sparsity_at_index(self._applied_index)),
+            **self._size_metrics(pl_module),
+            f"compression/{self.log_name}/target": float(
+                self.schedule.sparsity_at_index(self._applied_index)
+            ),
         }
-        if self._macs is not None and self._dense_macs:
-            metrics[f"{prefix}/macs"] = float(self._macs)
-            metrics[f"{prefix}/macs_removed"] = 1.0 - self._macs / self._dense_macs
         # Every rank holds the same structure; syncing only quiets Lightning's DDP warning.
         pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)
 
@@ -328,8 +298,7 @@ class ChannelPruning(ScheduledCompression, StructuralCompression):
         )
         self._applied_index = due
         self._taylor = {}
-        example = self._example.to(pl_module.device)
-        self._macs = count_macs(plain_copy(pl_module), example)
+        self._macs = self._count_macs(pl_module)
         if change is not None:
             dense = self._dense_macs or self._macs
             rank_zero_info(
@@ -351,7 +320,7 @@ class ChannelPruning(ScheduledCompression, StructuralCompression):
         assert self._example is not None
         example = self._example.to(pl_module.device)
         if self._dense_macs is None:
-            self._dense_macs = count_macs(plain_copy(pl_module), example)
+            self._dense_macs = self._count_macs(pl_module)
         plan = propose_channel_removal(
             pl_module,
             example,
@@ -379,9 +348,7 @@ class ChannelPruning(ScheduledCompression, StructuralCompression):
         return {
             "version": self.state_version,
             "applied_index": self._applied_index,
-            "dense_macs": self._dense_macs,
-            "macs": self._macs,
-            "structure": self._structure_state(),
+            **self._structure_state(),
             "taylor": {name: t.detach().cpu().clone() for name, t in self._taylor.items()},
         }
 
@@ -389,8 +356,5 @@ class ChannelPruning(ScheduledCompression, StructuralCompression):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._check_loaded_version(state_dict)
         self._applied_index = int(state_dict["applied_index"])
-        dense, macs = state_dict.get("dense_macs"), state_dict.get("macs")
-        self._dense_macs = None if dense is None else int(dense)
-        self._macs = None if macs is None else int(macs)
         self._load_structure(state_dict)
         self._taylor = dict(state_dict.get("taylor") or {})

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
@@ -18,7 +17,6 @@ from lightning_sparse.callbacks.base import (
     is_number,
     to_plain,
 )
-from lightning_sparse.callbacks.channel import plain_copy
 from lightning_sparse.callbacks.structure import StructuralCompression
 from lightning_sparse.core.lowrank import (
     layer_dims,
@@ -27,7 +25,7 @@ from lightning_sparse.core.lowrank import (
     singular_values,
     worth_factorizing,
 )
-from lightning_sparse.core.structure import FACTORIZE, count_macs
+from lightning_sparse.core.structure import FACTORIZE
 from lightning_sparse.core.targets import ALL_PRUNABLE, output_weight_excluded, resolve_params
 
 __all__ = ["LowRankFactorization", "factorizable"]
@@ -46,11 +44,6 @@ def _check_share(field: str, value: Any) -> float | None:
     if not is_number(value) or not 0 < value <= 1:
         raise invalid_number(field, value, "it must be in (0, 1], or null")
     return float(value)
-
-
-def _example(batch: Any) -> torch.Tensor | None:
-    inputs = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
-    return inputs[:1].detach() if isinstance(inputs, torch.Tensor) else None
 
 
 class LowRankFactorization(StructuralCompression):
@@ -133,9 +126,6 @@ class LowRankFactorization(StructuralCompression):
         self._targets: list[str] = []
         self._done = False
         self._ranks: dict[str, int] = {}
-        self._dense_macs: int | None = None
-        self._macs: int | None = None
-        self._example: torch.Tensor | None = None
 
     # ----------------------------------------------------------------------------------------
     # The declared interface
@@ -180,16 +170,6 @@ class LowRankFactorization(StructuralCompression):
         """The rank each factorized layer kept, by layer name (empty before ``start_epoch``)."""
         return dict(self._ranks)
 
-    @property
-    def dense_macs(self) -> int | None:
-        """Per-sample MACs of the model before the factorization (None until measured)."""
-        return self._dense_macs
-
-    @property
-    def macs(self) -> int | None:
-        """Per-sample MACs of the model after the factorization (None until measured)."""
-        return self._macs
-
     # ----------------------------------------------------------------------------------------
     # Lightning hooks
 
@@ -203,8 +183,7 @@ class LowRankFactorization(StructuralCompression):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._example is None:
-            self._example = _example(batch)
+        self._keep_example(batch)
         self._maybe_apply(trainer, pl_module)
 
     @override
@@ -222,11 +201,7 @@ class LowRankFactorization(StructuralCompression):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._done:
             return
-        prefix = f"compression/{self.log_name}"
-        metrics = {f"{prefix}/params": float(sum(p.numel() for p in pl_module.parameters()))}
-        if self._macs is not None and self._dense_macs:
-            metrics[f"{prefix}/macs"] = float(self._macs)
-            metrics[f"{prefix}/macs_removed"] = 1.0 - self._macs / self._dense_macs
+        metrics = self._size_metrics(pl_module)
         # Every rank holds the same structure; syncing only quiets Lightning's DDP warning.
         pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)
 
@@ -237,9 +212,9 @@ class LowRankFactorization(StructuralCompression):
         # Guarded by `_done` (in the checkpoint): a resume never factorizes twice.
         if self._done or fractional_epoch(trainer) < self.start_epoch:
             return
-        example = None if self._example is None else self._example.to(pl_module.device)
-        if example is not None:
-            self._dense_macs = count_macs(plain_copy(pl_module), example)
+        measured = self._example is not None
+        if measured:
+            self._dense_macs = self._count_macs(pl_module)
         change = self.apply_structure_change(
             trainer, pl_module, lambda: self.propose_change(pl_module)
         )
@@ -251,8 +226,8 @@ class LowRankFactorization(StructuralCompression):
             )
             return
         self._ranks = {name: int(data["rank"]) for name, data in change["layers"].items()}
-        if example is not None and self._dense_macs:
-            self._macs = count_macs(plain_copy(pl_module), example)
+        if measured and self._dense_macs:
+            self._macs = self._count_macs(pl_module)
             rank_zero_info(
                 f"{self.log_name} at epoch {fractional_epoch(trainer):.3f}: "
                 f"{len(self._ranks)} layers factorized (ranks "
@@ -294,9 +269,7 @@ class LowRankFactorization(StructuralCompression):
             "version": self.state_version,
             "done": self._done,
             "ranks": dict(self._ranks),
-            "dense_macs": self._dense_macs,
-            "macs": self._macs,
-            "structure": self._structure_state(),
+            **self._structure_state(),
         }
 
     @override
@@ -304,7 +277,4 @@ class LowRankFactorization(StructuralCompression):
         self._check_loaded_version(state_dict)
         self._done = bool(state_dict.get("done", False))
         self._ranks = {str(k): int(v) for k, v in (state_dict.get("ranks") or {}).items()}
-        dense, macs = state_dict.get("dense_macs"), state_dict.get("macs")
-        self._dense_macs = None if dense is None else int(dense)
-        self._macs = None if macs is None else int(macs)
         self._load_structure(state_dict)

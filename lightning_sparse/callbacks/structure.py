@@ -19,11 +19,14 @@ contract 3):
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.strategies import DDPStrategy
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
@@ -33,12 +36,25 @@ from lightning_sparse.core.structure import (
     ParamChange,
     applied_changes,
     apply_change,
+    count_macs,
     remap_optimizer,
     structure_state,
 )
-from lightning_sparse.module import CompressionModule
+from lightning_sparse.module import CompressionModule, copy_without_trainer, drop_instance_forwards
 
-__all__ = ["StructuralCompression", "follow_structure_change"]
+__all__ = ["StructuralCompression", "follow_structure_change", "plain_copy"]
+
+
+def plain_copy(model: nn.Module) -> nn.Module:
+    """A float copy of ``model`` in eval mode to trace and measure (no trainer, no fake quant)."""
+    if isinstance(model, pl.LightningModule):
+        return drop_instance_forwards(copy_without_trainer(model)).eval()
+    return drop_instance_forwards(copy.deepcopy(model)).eval()
+
+
+def _example(batch: Any) -> torch.Tensor | None:
+    inputs = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    return inputs[:1].detach() if isinstance(inputs, torch.Tensor) else None
 
 
 def follow_structure_change(trainer: pl.Trainer, changes: list[ParamChange]) -> None:
@@ -80,11 +96,45 @@ class StructuralCompression(CompressionCallback):
         if STRUCTURE not in self.changes:
             raise TypeError(f"{type(self).__name__} must declare `changes` with {STRUCTURE!r}.")
         self._structure: list[dict[str, Any]] = []
+        # What the changes cost: per-sample MACs before the first change and after the last,
+        # counted on one sample of the first training batch.
+        self._example: torch.Tensor | None = None
+        self._dense_macs: int | None = None
+        self._macs: int | None = None
 
     @property
     def structure_changes(self) -> list[dict[str, Any]]:
         """The changes this technique applied (plain data, in order)."""
         return [dict(change) for change in self._structure]
+
+    @property
+    def dense_macs(self) -> int | None:
+        """Per-sample MACs of the model before the first change (None until measured)."""
+        return self._dense_macs
+
+    @property
+    def macs(self) -> int | None:
+        """Per-sample MACs of the model after the last change (None until measured)."""
+        return self._macs
+
+    def _keep_example(self, batch: Any) -> None:
+        """Keep one sample of the first training batch to count MACs on."""
+        if self._example is None:
+            self._example = _example(batch)
+
+    def _count_macs(self, pl_module: pl.LightningModule) -> int:
+        """Per-sample MACs of ``pl_module`` now (on the kept example; call after keeping one)."""
+        assert self._example is not None
+        return count_macs(plain_copy(pl_module), self._example.to(pl_module.device))
+
+    def _size_metrics(self, pl_module: pl.LightningModule) -> dict[str, float]:
+        """``params``, and ``macs`` with ``macs_removed`` once measured, under the log prefix."""
+        prefix = f"compression/{self.log_name}"
+        metrics = {f"{prefix}/params": float(sum(p.numel() for p in pl_module.parameters()))}
+        if self._macs is not None and self._dense_macs:
+            metrics[f"{prefix}/macs"] = float(self._macs)
+            metrics[f"{prefix}/macs_removed"] = 1.0 - self._macs / self._dense_macs
+        return metrics
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -139,9 +189,17 @@ class StructuralCompression(CompressionCallback):
         return change
 
     def _structure_state(self) -> dict[str, Any]:
-        return structure_state(self._structure)
+        """The state entries of this base: ``dense_macs``, ``macs`` and ``structure``."""
+        return {
+            "dense_macs": self._dense_macs,
+            "macs": self._macs,
+            "structure": structure_state(self._structure),
+        }
 
     def _load_structure(self, state: Mapping[str, Any]) -> None:
+        dense, macs = state.get("dense_macs"), state.get("macs")
+        self._dense_macs = None if dense is None else int(dense)
+        self._macs = None if macs is None else int(macs)
         structure = state.get("structure")
         if isinstance(structure, Mapping) and structure.get("format") == FORMAT:
             self._structure = [dict(change) for change in structure.get("changes", [])]
