@@ -47,6 +47,7 @@ from lightning_sparse.callbacks.base import (
 from lightning_sparse.core.batch import model_inputs, token_mask
 from lightning_sparse.core.checkpoint import read_state_dict, readable_checkpoint
 from lightning_sparse.core.nodes import build_node
+from lightning_sparse.core.taps import OutputTap
 from lightning_sparse.module import copy_without_trainer, drop_instance_forwards
 
 __all__ = ["SELF_TEACHER", "KnowledgeDistillation", "distillation_loss", "feature_loss"]
@@ -211,54 +212,12 @@ def _normalise_features(features: Any) -> dict[str, str]:
     return chosen
 
 
-class _Tap:
-    """Forward hooks that keep the latest output of named layers while armed.
-
-    The hook is a closure, not a bound method, so a deep copy of the model (the self-teacher)
-    shares it instead of deep-copying this object; it ignores any module but the one it was
-    registered on, and copies drop it (:meth:`drop_from`).
-    """
-
-    def __init__(self) -> None:
-        self.armed = False
-        self.outputs: dict[str, torch.Tensor] = {}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-
-    def attach(self, layers: Mapping[str, nn.Module]) -> None:
-        self.detach()
-        for key, layer in layers.items():
-            self._handles.append(layer.register_forward_hook(self._hook(key, layer)))
-
-    def _hook(self, key: str, owner: nn.Module) -> Any:
-        def keep(module: nn.Module, args: Any, output: Any) -> None:
-            if not self.armed or module is not owner:
-                return
-            if not isinstance(output, torch.Tensor):
-                raise TypeError(
-                    f"`features`: layer {key!r} returns a {type(output).__name__}, not a tensor; "
-                    "name a layer whose output is one tensor."
-                )
-            self.outputs[key] = output
-
-        return keep
-
-    def drop_from(self, model: nn.Module) -> None:
-        """Remove these hooks from a copy of a hooked model."""
-        ids = {handle.id for handle in self._handles}
-        for module in model.modules():
-            for hook_id in ids & set(module._forward_hooks):
-                del module._forward_hooks[hook_id]
-
-    def take(self) -> dict[str, torch.Tensor]:
-        outputs, self.outputs = self.outputs, {}
-        return outputs
-
-    def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self.outputs = {}
-        self.armed = False
+def _tensor_output(key: str, output: Any) -> None:
+    if not isinstance(output, torch.Tensor):
+        raise TypeError(
+            f"`features`: layer {key!r} returns a {type(output).__name__}, not a tensor; "
+            "name a layer whose output is one tensor."
+        )
 
 
 def _freeze(model: nn.Module) -> nn.Module:
@@ -425,8 +384,8 @@ class KnowledgeDistillation(CompressionCallback):
         self._teacher: nn.Module | None = None
         # Teacher weights restored from a checkpoint before the module they fit is at hand.
         self._pending_teacher: dict[str, torch.Tensor] | None = None
-        self._student_tap = _Tap()
-        self._teacher_tap = _Tap()
+        self._student_tap = OutputTap(check=_tensor_output)
+        self._teacher_tap = OutputTap(check=_tensor_output)
         # Per student layer: its projection, or None where the widths agree; built at the first
         # step with features (their shapes are known only then).
         self._projections: dict[str, _Projection | None] | None = None

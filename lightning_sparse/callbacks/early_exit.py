@@ -46,6 +46,7 @@ from lightning_sparse.core.early_exit import (
     joint_exit_loss,
     trace_with_cuts,
 )
+from lightning_sparse.core.taps import OutputTap
 
 __all__ = ["EarlyExit"]
 
@@ -60,45 +61,9 @@ def _logits(outputs: Any) -> torch.Tensor:
     return logits
 
 
-class _Tap:
-    """Forward hooks keeping the latest output of each exit layer (and the model's) while armed."""
-
-    def __init__(self) -> None:
-        self.armed = False
-        self.outputs: dict[str, torch.Tensor] = {}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-
-    def attach(self, layers: dict[str, nn.Module]) -> None:
-        self.detach()
-        for key, layer in layers.items():
-            self._handles.append(layer.register_forward_hook(self._hook(key)))
-
-    def _hook(self, key: str) -> Any:
-        def keep(module: nn.Module, args: Any, output: Any) -> None:
-            # The module's own output: the first call to finish. Under DDP, Lightning runs the
-            # step as the module's forward (its output is the step's), around the inner `self(x)`.
-            if self.armed and not (key == _FINAL and key in self.outputs):
-                self.outputs[key] = output
-
-        return keep
-
-    @property
-    def attached(self) -> bool:
-        return bool(self._handles)
-
-    def take(self) -> dict[str, Any]:
-        outputs, self.outputs = self.outputs, {}
-        return outputs
-
-    def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self.outputs = {}
-        self.armed = False
-
-
-# The key under which the tap keeps the module's own output (logits), for calibration.
+# The key under which the tap keeps the module's own output (logits), for calibration: its first
+# output in a step (under DDP, Lightning runs the step as the module's forward, whose output is the
+# step's, around the inner `self(x)`).
 _FINAL = "\x00final"
 
 
@@ -223,7 +188,7 @@ class EarlyExit(CompressionCallback):
         self._optimizer: torch.optim.Optimizer | None = None
         self._pending_optimizer: dict[str, Any] | None = None
         self._thresholds: list[float] | None = None
-        self._tap = _Tap()
+        self._tap = OutputTap(keep_first=[_FINAL])
         # Per validation batch: (confidence [exits, batch], head correct [exits, batch],
         # full model correct [batch]).
         self._collected: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
