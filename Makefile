@@ -38,7 +38,7 @@ typecheck: install
 
 # Two workers, one per core of the machine the suite is sized for; tests/conftest.py keeps each
 # file on one worker and spreads the README's commands. PYTEST_ARGS= runs it in one process.
-PYTEST_ARGS ?= -n 2 --dist loadgroup
+PYTEST_ARGS ?= -n 2 --dist loadscope
 
 pytest: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -13,10 +13,11 @@ import os
 import re
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests import forkserver
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -79,10 +80,10 @@ def test_every_command_is_run_or_skipped_for_a_reason() -> None:
 def _run(
     args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 600
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, *args],
-        cwd=cwd,
-        env={
+    return forkserver.run(
+        args,
+        cwd,
+        {
             **os.environ,
             "PYTHONPATH": str(REPO),
             "PYTHONWARNINGS": "ignore",
@@ -90,10 +91,7 @@ def _run(
             "HYDRA_FULL_ERROR": "0",
             **(env or {}),
         },
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
+        timeout,
     )
 
 
@@ -162,7 +160,12 @@ def _runnable() -> list[str]:
     return [c for c in bash_commands() if c.startswith("python -m") and not _skip_reason(c)]
 
 
-@pytest.mark.parametrize("command", _runnable())
+def _command_id(command: str) -> str:
+    """The command itself (tests/conftest.py reads it to keep dependent commands together)."""
+    return command.removeprefix("python -m lightning_sparse.").splitlines()[0]
+
+
+@pytest.mark.parametrize("command", _runnable(), ids=_command_id)
 def test_the_command_runs(
     command: str, request: pytest.FixtureRequest, work: Path, tmp_path: Path
 ) -> None:

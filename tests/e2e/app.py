@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
+
+from tests import forkserver
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -25,12 +26,4 @@ QUICK_PRUNING = ["recipe.pruning.start_epoch=0", "recipe.pruning.end_epoch=1"]
 def run_app(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     """``python -m lightning_sparse.train *args`` as a user would run it; output captured."""
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(
-        [sys.executable, "-m", "lightning_sparse.train", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    return forkserver.run(["-m", "lightning_sparse.train", *args], REPO, env, timeout)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +13,7 @@ from omegaconf import DictConfig
 
 from lightning_sparse.models import SmallCNN
 from lightning_sparse.run.training import run_job
+from tests import forkserver
 from tests.e2e.app import QUICK, QUICK_PRUNING, REPO, run_app
 
 ComposeRunCfg = Callable[..., DictConfig]
@@ -146,21 +145,17 @@ def test_the_app_prints_the_message_alone_and_keeps_the_traceback_in_its_log(
     assert "Traceback (most recent call last)" in log
     assert "not found; give a run dir" in log
     # HYDRA_FULL_ERROR=1 asks for the whole story, as with any Hydra app.
-    full = subprocess.run(
+    full = forkserver.run(
         [
-            sys.executable,
             "-m",
             "lightning_sparse.train",
             *QUICK,
             f"ckpt_path={missing}",
             f"hydra.run.dir={tmp_path / 'full'}",
         ],
-        cwd=REPO,
-        env={**os.environ, "HYDRA_FULL_ERROR": "1", "PYTHONWARNINGS": "ignore"},
-        capture_output=True,
-        text=True,
+        REPO,
+        {**os.environ, "HYDRA_FULL_ERROR": "1", "PYTHONWARNINGS": "ignore"},
         timeout=240,
-        check=False,
     )
     assert full.returncode == 1
     assert "Traceback (most recent call last)" in full.stderr

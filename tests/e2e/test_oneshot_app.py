@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from lightning_sparse import oneshot
 from lightning_sparse.models import SmallCNN
 from lightning_sparse.run import training as train
 from lightning_sparse.run.recipe import RecipeError, compose_config
+from tests import forkserver
 from tests.e2e.app import REPO
 from tests.stage_helpers import write_mnist
 
@@ -79,9 +78,8 @@ def test_app_prunes_fine_tunes_and_writes_everything(trained: Path, tmp_path: Pa
         "PYTHONWARNINGS": "ignore",
         "OMP_NUM_THREADS": "1",
     }
-    result = subprocess.run(
+    result = forkserver.run(
         [
-            sys.executable,
             "-m",
             "lightning_sparse.oneshot",
             f"ckpt_path={trained}",
@@ -92,12 +90,9 @@ def test_app_prunes_fine_tunes_and_writes_everything(trained: Path, tmp_path: Pa
             *QUIET,
             f"hydra.run.dir={tmp_path}",
         ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
+        REPO,
+        env,
         timeout=240,
-        check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())

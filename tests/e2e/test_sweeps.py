@@ -9,7 +9,6 @@ import json
 import os
 import pickle
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from hydra.errors import MissingConfigException
 
 from lightning_sparse.compare import main as compare_main
 from lightning_sparse.run.recipe import compose_config
+from tests import forkserver
 from tests.e2e.app import QUICK, QUICK_PRUNING, REPO
 from tests.wandb_offline import offline_runs
 
@@ -43,15 +43,7 @@ def run_sweep(
     )
     if path_prefix is not None:
         env["PATH"] = f"{path_prefix}{os.pathsep}{env.get('PATH', '')}"
-    return subprocess.run(
-        [sys.executable, "-m", "lightning_sparse.train", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    return forkserver.run(["-m", "lightning_sparse.train", *args], REPO, env, timeout)
 
 
 def read_summary(run_dir: Path) -> dict[str, Any]:
@@ -205,6 +197,7 @@ def test_compression_nas_search_on_validation_accuracy_and_macs(tmp_path: Path) 
         "model.model.width=choice(4,8)",
         "model.model.depth=choice(2,3)",
         "model.model.hidden=choice(16,32)",
+        "model.model.batch_norm=choice(true,false)",
         "data=synthetic",
         "trainer.max_epochs=1",
         "trainer.enable_model_summary=false",
@@ -340,6 +333,7 @@ def test_launcher_and_search_configs_compose() -> None:
         "model.model.width",
         "model.model.depth",
         "model.model.hidden",
+        "model.model.batch_norm",
         "recipe.channel.final_sparsity",
     }
     assert nas.hydra.runtime.choices.recipe == "channel"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from lightning_sparse.run import sparseml
 from lightning_sparse.run.recipe import RecipeError, compose_config, instantiate_recipe
 from lightning_sparse.run.recipe_file import apply_recipe_file
 from lightning_sparse.run.training import run
+from tests import forkserver
 
 RECIPES = Path(__file__).parent / "sparseml_recipes"
 RESNET = RECIPES / "resnet50_pruned_quant.md"
@@ -122,23 +121,17 @@ def test_convert_writes_a_recipe_that_composes_by_name(tmp_path: Path) -> None:
 
 
 def test_convert_from_the_command_line(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "lightning_sparse.recipe", "convert", str(STAGED)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=False,
+    result = forkserver.run(
+        ["-m", "lightning_sparse.recipe", "convert", str(STAGED)],
+        REPO,
     )
     assert result.returncode == 0, result.stderr
     assert yaml.safe_load(result.stdout)["trainer"] == {"max_epochs": 15}
     bad = tmp_path / "bad.yaml"
     bad.write_text("modifiers:\n  - !MovementPruningModifier\n    start_epoch: 0.0\n")
-    refused = subprocess.run(
-        [sys.executable, "-m", "lightning_sparse.recipe", "convert", str(bad)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=False,
+    refused = forkserver.run(
+        ["-m", "lightning_sparse.recipe", "convert", str(bad)],
+        REPO,
     )
     assert refused.returncode == 2
     assert "MovementPruningModifier" in refused.stderr
