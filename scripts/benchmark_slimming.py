@@ -8,13 +8,16 @@ Whole ``python -m lightning_sparse.train`` runs: validation accuracy (the last v
 test accuracy and the MACs the export counts.
 
 Search: ``hparams_search=compression_nas`` with ``--trials`` trials through the real Optuna
-sweeper, and the shipped main recipe (``gmp_qat_distill``, the default job) trained with the same
-data and seed; whether a trial dominates the main job on (validation accuracy, MACs).
+sweeper on ``--search-data``, and the shipped main recipe (``gmp_qat_distill``, the default job)
+trained with the same data and seed; whether a trial dominates the main job on (validation
+accuracy, MACs), with each one's ONNX Runtime latency beside it.
 
-Only the block between ``<!-- slimming:start -->`` and ``<!-- slimming:end -->`` is replaced
-(appended if missing). Run from the repository root::
+Each part replaces only its own block of the output (``<!-- slimming:start -->`` ...
+``<!-- slimming:end -->``, ``<!-- nas:start -->`` ... ``<!-- nas:end -->``; appended if missing),
+so one can be rerun without the other (``--skip``). Run from the repository root::
 
     python scripts/benchmark_slimming.py                 # ~15 min on 2 busy CPU cores
+    python scripts/benchmark_slimming.py --skip slimming --search-data mnist5k --trials 40 --jobs 2
     python scripts/benchmark_slimming.py --quick --output /tmp/benchmarks.md   # smoke run
 """
 
@@ -29,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -39,6 +43,7 @@ from lightning_sparse.run.markdown import write_marked_block
 
 REPO = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- slimming:start -->", "<!-- slimming:end -->"
+NAS_BEGIN, NAS_END = "<!-- nas:start -->", "<!-- nas:end -->"
 BN_CNN = ["data=digits", "model=cnn", "model.model.batch_norm=true"]
 
 
@@ -128,14 +133,20 @@ def slimming_section(args: argparse.Namespace, work: Path) -> list[dict[str, Any
 
 def search_section(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     main_dir = work / "main"
-    main = _train_run(["data=digits", f"seed={args.seed}"], main_dir, args.quick)
+    data = f"data={args.search_data}"
+    main = _train_run([data, f"seed={args.seed}"], main_dir, args.quick)
     sweep = work / "nas"
+    parallel = (
+        ["hydra/launcher=joblib", f"hydra.sweeper.n_jobs={args.jobs}"] if args.jobs > 1 else []
+    )
+    start = time.time()
     command = _command(
         [
             "hparams_search=compression_nas",
-            "data=digits",
+            data,
             f"seed={args.seed}",
             f"hydra.sweeper.n_trials={args.trials}",
+            *parallel,
             *(["debug=quick"] if args.quick else []),
             "trainer.enable_progress_bar=false",
             f"hydra.sweep.dir={sweep}",
@@ -158,6 +169,7 @@ def search_section(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         trials.append({"job": job.name, "params": swept, "summary": summary})
     results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     return {
+        "minutes": (time.time() - start) / 60,
         "main": main,
         "command": _shown(command),
         "trials": trials,
@@ -194,20 +206,17 @@ def _mean_sd(values: list[float], scale: float = 100.0) -> str:
     return f"{scale * statistics.mean(values):.2f} ± {scale * statistics.stdev(values):.2f}"
 
 
-def render(
-    slim: list[dict[str, Any]], search: dict[str, Any] | None, args: argparse.Namespace
-) -> str:
+def render(slim: list[dict[str, Any]], args: argparse.Namespace) -> str:
     import torch
 
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [
-        "## Network Slimming and the compression-aware search (digits)",
-        "",
+    header = [
         f"`python scripts/benchmark_slimming.py {shlex.join(args.argv)}`".replace(" `", "`"),
         f"({now}; {_machine()}, shared with other jobs; torch {torch.__version__}; "
         "one torch thread).",
         "",
     ]
+    lines = ["## Network Slimming (digits)", "", *header]
     if slim:
         dense = slim[0]["runs"][0]["summary"]["macs_dense"]
         lines += [
@@ -232,37 +241,56 @@ def render(
                 f"{', '.join(f'{m:,}' for m in macs)} | `{row['runs'][0]['command']}` |"
             )
         lines.append("")
-    if search is not None:
-        main = search["main"]["summary"]
-        trials = search["trials"]
-        done = [t for t in trials if t["summary"].get("status") == "ok"]
-        dominating = [t for t in done if _dominates(t["summary"], main)]
-        lines += [
-            "### Compression-aware search vs the main recipe",
-            "",
-            f"`{search['command']}`: {len(trials)} trials ({len(done)} completed), Optuna's "
-            f"Pareto front holds {search['front']}. The main job (`{search['main']['command']}`, "
-            f"recipe gmp_qat_distill: 90% unstructured zeros, int8) has validation accuracy "
-            f"{100 * main['val_acc']:.2f}% at {int(main['macs']):,} MACs (zeros do not lower "
-            f"the MACs). {len(dominating)} of the trials dominate it on (validation accuracy, "
-            "MACs).",
-            "",
-            "| trial | width | depth | hidden | MACs removed | val acc (%) | MACs | test acc (%) "
-            "| dominates main |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for t in trials:
-            s, p = t["summary"], t["params"]
-            if s.get("status") != "ok":
-                lines.append(f"| {t['job']} | failed | | | | | | | |")
-                continue
-            lines.append(
-                f"| {t['job']} | {p.get('width', '—')} | {p.get('depth', '—')} | "
-                f"{p.get('hidden', '—')} | {100 * float(p.get('final_sparsity', 0)):.0f}% | "
-                f"{100 * s['val_acc']:.2f} | {int(s['macs']):,} | {100 * s['test_acc']:.2f} | "
-                f"{'yes' if _dominates(s, main) else ''} |"
-            )
-        lines.append("")
+    return "\n".join(lines)
+
+
+def _ms(summary: dict[str, Any]) -> str:
+    value = summary.get("ort_fp32_ms")
+    return f"{value:.2f}" if isinstance(value, (int, float)) else "—"
+
+
+def render_search(search: dict[str, Any], args: argparse.Namespace) -> str:
+    import torch
+
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    main = search["main"]["summary"]
+    trials = search["trials"]
+    done = [t for t in trials if t["summary"].get("status") == "ok"]
+    dominating = [t for t in done if _dominates(t["summary"], main)]
+    lines = [
+        f"## Compression-aware search vs the main recipe ({args.search_data})",
+        "",
+        f"`python scripts/benchmark_slimming.py {shlex.join(args.argv)}`".replace(" `", "`"),
+        f"({now}; {_machine()}, shared with other jobs; torch {torch.__version__}; "
+        f"one torch thread per job; the search took {search['minutes']:.0f} min).",
+        "",
+        f"`{search['command']}`: {len(trials)} trials ({len(done)} completed), Optuna's "
+        f"Pareto front holds {search['front']}. The main job (`{search['main']['command']}`, "
+        f"recipe gmp_qat_distill: 90% unstructured zeros, int8) has validation accuracy "
+        f"{100 * main['val_acc']:.2f}% at {int(main['macs']):,} MACs (zeros do not lower "
+        f"the MACs) and {_ms(main)} ms fp32 in ONNX Runtime (batch 64, one thread). "
+        f"**{len(dominating)} of the trials dominate it** on (validation accuracy, MACs): "
+        "validation accuracy at least as high and fewer MACs. Latency (fp32, batch 64, one "
+        "thread, each run timing its own model on a shared machine) is beside it, not an "
+        "objective.",
+        "",
+        "| trial | width | depth | hidden | BatchNorm | MACs removed | val acc (%) | MACs "
+        "| ORT fp32 ms | test acc (%) | dominates main |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for t in trials:
+        s, p = t["summary"], t["params"]
+        if s.get("status") != "ok":
+            lines.append(f"| {t['job']} | failed | | | | | | | | | |")
+            continue
+        lines.append(
+            f"| {t['job']} | {p.get('width', '—')} | {p.get('depth', '—')} | "
+            f"{p.get('hidden', '—')} | {p.get('batch_norm', '—')} | "
+            f"{100 * float(p.get('final_sparsity', 0)):.0f}% | "
+            f"{100 * s['val_acc']:.2f} | {int(s['macs']):,} | {_ms(s)} | "
+            f"{100 * s['test_acc']:.2f} | {'yes' if _dominates(s, main) else ''} |"
+        )
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -275,6 +303,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--strengths", type=float, nargs="*", default=[1e-4, 1e-3, 1e-2])
     parser.add_argument("--seed", type=int, default=0, help="the search's and main job's seed")
     parser.add_argument("--trials", type=int, default=10)
+    parser.add_argument("--search-data", default="digits", help="the search's data set")
+    parser.add_argument("--jobs", type=int, default=1, help="trials run at once (joblib)")
     parser.add_argument("--skip", choices=["slimming", "search"], default=None)
     parser.add_argument(
         "--quick", action="store_true", help="a smoke run: debug=quick, one seed, two trials"
@@ -288,9 +318,14 @@ def main(argv: list[str] | None = None) -> None:
         work = Path(tmp)
         slim = [] if args.skip == "slimming" else slimming_section(args, work)
         search = None if args.skip == "search" else search_section(args, work)
-    text = render(slim, search, args)
-    write_marked_block(args.output, BEGIN, END, text)
-    print(text)
+    if slim:
+        text = render(slim, args)
+        write_marked_block(args.output, BEGIN, END, text)
+        print(text)
+    if search is not None:
+        text = render_search(search, args)
+        write_marked_block(args.output, NAS_BEGIN, NAS_END, text)
+        print(text)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,8 @@ def defaults_groups(config: str) -> list[str]:
     for entry in defaults:
         if isinstance(entry, DictConfig):
             for key in entry:
-                found.append(str(key).removeprefix("override ").split("@")[0].lstrip("/"))
+                key = str(key).removeprefix("override ").removeprefix("optional ")
+                found.append(key.split("@")[0].lstrip("/"))
     return found
 
 
@@ -113,6 +114,35 @@ def resolved(cfg: DictConfig) -> dict[str, Any]:
     data = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(data, dict)
     return data
+
+
+def test_a_sized_schedule_is_picked_by_model_data_and_recipe() -> None:
+    sized = compose_config(["recipe=qat", "model=resnet18", "data=mnist5k"])
+    assert sized.trainer.max_epochs == 4
+    assert sized.recipe.quantization.start_epoch == 2.5
+    assert sized.recipe.quantization.disable_quantization_observer_epoch == 3.5
+    # Another data set keeps the recipe as written; the command line still wins.
+    plain = compose_config(["recipe=qat", "model=resnet18", "data=digits"])
+    assert plain.trainer.max_epochs == 30
+    assert plain.recipe.quantization.start_epoch == 20.0
+    chosen = compose_config(
+        ["recipe=qat", "model=resnet18", "data=mnist5k", "trainer.max_epochs=6"]
+    )
+    assert chosen.trainer.max_epochs == 6
+    assert chosen.recipe.quantization.start_epoch == 2.5
+
+
+def test_every_sized_schedule_names_a_model_data_and_recipe() -> None:
+    """A misspelt conf/sized file would never be picked: each must name existing options."""
+    names = {
+        f"{model}_{data}_{recipe}"
+        for model in options("model")
+        for data in options("data")
+        for recipe in options("recipe")
+    }
+    assert options("sized")
+    for option in options("sized"):
+        assert option in names, f"conf/sized/{option}.yaml matches no <model>_<data>_<recipe>"
 
 
 def test_every_group_is_chosen_somewhere() -> None:

@@ -78,7 +78,9 @@ def test_dominance_needs_both_and_one_strictly(
     assert bench._dominates(_summary(*trial), _summary(0.95, 1000)) is dominates
 
 
-def test_render_reports_seeds_macs_and_the_dominating_trials(bench: ModuleType) -> None:
+def test_render_reports_seeds_macs_and_the_dominating_trials(
+    bench: ModuleType, tmp_path: Path
+) -> None:
     run = {"command": "python -m lightning_sparse.train recipe=slimming"}
     slim = [
         {
@@ -90,21 +92,43 @@ def test_render_reports_seeds_macs_and_the_dominating_trials(bench: ModuleType) 
         }
     ]
     search = {
-        "main": {"command": "python -m lightning_sparse.train", "summary": _summary(0.95, 1000)},
+        "minutes": 12.0,
+        "main": {
+            "command": "python -m lightning_sparse.train",
+            "summary": {**_summary(0.95, 1000), "ort_fp32_ms": 2.5},
+        },
         "command": "python -m lightning_sparse.train hparams_search=compression_nas",
         "front": 1,
         "trials": [
             {
                 "job": "0",
-                "params": {"width": "8", "depth": "2", "hidden": "32", "final_sparsity": "0.5"},
-                "summary": _summary(0.96, 300),
+                "params": {
+                    "width": "8",
+                    "depth": "2",
+                    "hidden": "32",
+                    "batch_norm": "true",
+                    "final_sparsity": "0.5",
+                },
+                "summary": {**_summary(0.96, 300), "ort_fp32_ms": 0.75},
             },
             {"job": "1", "params": {}, "summary": {"status": "failed"}},
         ],
     }
-    text = bench.render(slim, search, _args())
+    text = bench.render(slim, _args())
     assert "| slimming, penalty 0.0001 | 91.00 ± 1.41 | 90.00 ± 0.00 | 500 |" in text
     assert "1,000 MACs dense" in text
-    assert "1 of the trials dominate it" in text
-    assert "| 0 | 8 | 2 | 32 | 50% | 96.00 | 300 | 90.00 | yes |" in text
-    assert "| 1 | failed |" in text
+    found = bench.render_search(search, _args(search_data="mnist5k"))
+    assert "(mnist5k)" in found
+    assert "1 of the trials dominate it" in found
+    assert "and 2.50 ms fp32" in found
+    assert "| 0 | 8 | 2 | 32 | true | 50% | 96.00 | 300 | 0.75 | 90.00 | yes |" in found
+    assert "| 1 | failed |" in found
+    # Each part has its own block: rewriting the search keeps the slimming table.
+    out = tmp_path / "benchmarks.md"
+    bench.write_marked_block(out, bench.BEGIN, bench.END, text)
+    bench.write_marked_block(out, bench.NAS_BEGIN, bench.NAS_END, found)
+    bench.write_marked_block(out, bench.NAS_BEGIN, bench.NAS_END, found.replace("2.50", "3.00"))
+    written = out.read_text()
+    assert "91.00 ± 1.41" in written
+    assert "and 3.00 ms fp32" in written
+    assert "2.50 ms" not in written
