@@ -86,6 +86,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
 
     job.set_threads(cfg.get("threads"))
+    job.check_latency_runs(cfg.get("latency_runs", 50))
     pl.seed_everything(int(cfg.seed), workers=True)
     trainer_kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
     finetune_epochs = int(cfg.get("finetune_epochs") or 0)
@@ -136,7 +137,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         summary["notes"].append(summary["quantization"]["note"])
     if cfg.get("export", True):
         # ONNX fp32 (and int8 after PTQ) plus the compressed checkpoint, as `train` writes them.
-        exported = export_model(plan.module, datamodule, run_dir / "export", threads=cfg.threads)
+        exported = export_model(
+            plan.module,
+            datamodule,
+            run_dir / "export",
+            threads=cfg.threads,
+            latency_runs=cfg.get("latency_runs", 50),
+        )
         summary.update(exported)
     report.write_summary(summary, run_dir)
     show(stages_table(summary))

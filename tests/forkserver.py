@@ -41,9 +41,8 @@ PRELOAD = (
     "hydra",
 )
 # Read by the interpreter or by a module at import time: a command whose value differs from the
-# server's cannot be run in a forked child.
+# server's cannot be run in a forked child. (PYTHONPATH is redone in the child: see _child.)
 STARTUP_VARIABLES = (
-    "PYTHONPATH",
     "PYTHONWARNINGS",
     "PYTHONHASHSEED",
     "PYTHONDONTWRITEBYTECODE",
@@ -66,26 +65,42 @@ def _exit_code(code: object) -> int:
     return 1
 
 
+def _python_path(env: dict[str, str]) -> list[str]:
+    return [os.path.abspath(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+
+
 def _child(request: dict[str, Any]) -> None:
-    """Run the module as ``python -m`` would, then exit the way the interpreter does."""
+    """Run the module or script as ``python -m``/``python`` would, then exit as the interpreter
+    does."""
     import runpy
     import traceback
 
     os.setsid()  # its own process group: a timeout kills it with everything it started
     os.chdir(request["cwd"])
+    # sys.path as the interpreter would have built it: the working directory (`-m`) or the
+    # script's folder first, then the command's PYTHONPATH in place of the server's.
+    script = request.get("path")
+    rest = sys.path[1:]
+    for entry in _python_path(dict(os.environ)):
+        if entry in rest:
+            rest.remove(entry)
+    first = os.path.dirname(script) if script else request["cwd"]
+    sys.path[:] = [first, *_python_path(request["env"]), *rest]
     os.environ.clear()
     os.environ.update(request["env"])
-    sys.path[0] = request["cwd"]  # `python -m` puts the working directory first
     stdin = os.open(os.devnull, os.O_RDONLY)
     stdout = os.open(request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     stderr = os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(stdin, 0)
     os.dup2(stdout, 1)
     os.dup2(stderr, 2)
-    sys.argv = [request["module"], *request["args"]]
+    sys.argv = [script or request["module"], *request["args"]]
     code = 0
     try:
-        runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+        if script:
+            runpy.run_path(script, run_name="__main__")
+        else:
+            runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
     except SystemExit as exit_:
         code = _exit_code(exit_.code)
     except BaseException:
@@ -156,13 +171,17 @@ class _Server:
         return reply
 
     def run(
-        self, module: str, args: list[str], cwd: Path, env: dict[str, str], timeout: float
+        self, argv: list[str], cwd: Path, env: dict[str, str], timeout: float
     ) -> subprocess.CompletedProcess[str]:
+        """``argv``: ``["-m", module, *args]`` or ``[script, *args]``."""
         assert self.process.stdin is not None
+        module, path = (argv[1], None) if argv[0] == "-m" else (None, str(Path(cwd, argv[0])))
+        args = argv[2:] if module else argv[1:]
         with tempfile.TemporaryDirectory() as tmp:
             out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
             request = {
                 "module": module,
+                "path": path,
                 "args": args,
                 "cwd": str(cwd),
                 "env": env,
@@ -178,10 +197,10 @@ class _Server:
                 os.killpg(pid, signal.SIGKILL)
                 self._read(timeout=60)
                 raise subprocess.TimeoutExpired(
-                    [module, *args], timeout, out.read_text(), err.read_text()
+                    [sys.executable, *argv], timeout, out.read_text(), err.read_text()
                 ) from None
             return subprocess.CompletedProcess(
-                [sys.executable, "-m", module, *args],
+                [sys.executable, *argv],
                 code,
                 out.read_text(errors="replace"),
                 err.read_text(errors="replace"),
@@ -206,11 +225,14 @@ def run(
 ) -> subprocess.CompletedProcess[str]:
     """``subprocess.run([sys.executable, *argv], cwd, env, capture_output, text)``, faster.
 
-    ``argv`` of the form ``-m lightning_sparse.<app> ...`` runs in a child of the fork server
-    started for the same start-up environment; anything else in a fresh interpreter.
+    ``argv`` of the form ``-m lightning_sparse.<app> ...`` or ``<script>.py ...`` runs in a child
+    of the fork server started for the same start-up environment; anything else in a fresh
+    interpreter.
     """
     env = dict(os.environ if env is None else env)
-    if len(argv) < 2 or argv[0] != "-m" or not argv[1].startswith("lightning_sparse."):
+    app = len(argv) >= 2 and argv[0] == "-m" and argv[1].startswith("lightning_sparse.")
+    script = bool(argv) and argv[0].endswith(".py") and Path(cwd, argv[0]).is_file()
+    if not (app or script):
         return subprocess.run(
             [sys.executable, *argv],
             cwd=cwd,
@@ -224,7 +246,7 @@ def run(
     server = _servers.get(key)
     if server is None or server.process.poll() is not None:
         server = _servers[key] = _Server(env)
-    return server.run(argv[1], argv[2:], cwd, env, timeout)
+    return server.run(argv, cwd, env, timeout)
 
 
 @atexit.register

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -207,6 +208,7 @@ def export_model(
     threads: int | None = None,
     dense: nn.Module | None = None,
     deployments: Sequence[tuple[str, Mapping[str, Any]]] = (),
+    eval_batches: int | None = None,
 ) -> dict[str, Any]:
     """Write ``model.onnx``, ``model_int8.onnx`` (if quantized), ``compressed.safetensors``.
 
@@ -233,6 +235,8 @@ def export_model(
             its registered function and measured on ``data``; the summary gets what it
             measured under ``<kind>``, or ``{"error": ...}`` (and a warning) when it could not
             be written, without failing the rest of the export.
+        eval_batches: evaluate on the first this many batches of ``data`` (None: all), e.g.
+            the ``limit_test_batches`` the run's test pass used.
 
     Returns:
         ``onnx_fp32_path``, ``onnx_int8_path``, ``compressed_path``, ``onnx_fp32_acc``,
@@ -265,7 +269,10 @@ def export_model(
             f"`deployments`: {unknown} not known to this lightning_sparse (known: "
             f"{', '.join(sorted(DEPLOYMENTS))}); register_deployment() adds one."
         )
-    for field, value in (("batch_size", batch_size), ("latency_runs", latency_runs)):
+    sizes = [("batch_size", batch_size), ("latency_runs", latency_runs)]
+    if eval_batches is not None:
+        sizes.append(("eval_batches", eval_batches))
+    for field, value in sizes:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"`{field}`={value!r} is not allowed; it must be an int >= 1.")
     out_dir = Path(out_dir)
@@ -286,7 +293,9 @@ def export_model(
     module.cpu().eval()
     try:
         with _atomic_dir(out_dir) as tmp:
-            summary = _export(module, data, tmp, layers, batch_size, latency_runs, threads, dense)
+            summary = _export(
+                module, data, tmp, layers, batch_size, latency_runs, threads, dense, eval_batches
+            )
             for kind, spec in deployments:
                 summary[kind] = _deploy(kind, spec, module, data, tmp, out_dir, threads)
             for key in ("onnx_fp32_path", "onnx_int8_path", "compressed_path"):
@@ -330,6 +339,7 @@ def _export(
     latency_runs: int,
     threads: int | None,
     dense: nn.Module | None = None,
+    eval_batches: int | None = None,
 ) -> dict[str, Any]:
     import onnx
 
@@ -368,7 +378,7 @@ def _export(
     correct = {name: 0 for name in sessions}
     agree, total, labelled = 0, 0, True
     max_diff = 0.0
-    for x, y in _batches(data):
+    for x, y in itertools.islice(_batches(data), eval_batches):
         inputs = _numpy_inputs(x)
         with _float_mode(module):
             reference = call_model(module, x).numpy()

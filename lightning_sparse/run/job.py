@@ -85,6 +85,15 @@ def check_threads(threads: Any) -> None:
         )
 
 
+def check_latency_runs(runs: Any) -> None:
+    """Raise :class:`ConfigError` unless ``runs`` (timed ONNX Runtime runs per model) is >= 1."""
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
+        raise ConfigError(
+            f"`latency_runs`={runs!r} is not allowed; give the number of timed ONNX Runtime runs "
+            "per model in the export's latency measurement, an integer >= 1 (default 50)."
+        )
+
+
 def set_threads(threads: Any) -> int:
     """Set torch's intra-op thread count (None: leave torch's default); return the count in force.
 

@@ -251,6 +251,7 @@ def check_job(cfg: DictConfig) -> tuple[dict[str, Any], str | None, dict[str, Ca
             ``data.root``, a teacher checkpoint) is missing or not a checkpoint.
     """
     job.check_threads(cfg.get("threads"))
+    job.check_latency_runs(cfg.get("latency_runs", 50))
     trainer_kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
     check_strategy(trainer_kwargs)
     objective_names(cfg)
@@ -406,6 +407,14 @@ def _check_data_fits_model(datamodule: pl.LightningDataModule, module: pl.Lightn
         )
 
 
+def export_batches(limit_test_batches: Any) -> int | None:
+    """The test batches the export evaluates on: as many as the run's test pass when
+    ``trainer.limit_test_batches`` is a count (e.g. ``debug=quick``'s 1), else all of them."""
+    if isinstance(limit_test_batches, int) and not isinstance(limit_test_batches, bool):
+        return limit_test_batches if limit_test_batches >= 1 else None
+    return None
+
+
 def _fit_test_report(
     cfg: DictConfig,
     trainer: pl.Trainer,
@@ -484,7 +493,9 @@ def _fit_test_report(
                     datamodule,
                     run_dir / "export",
                     threads=cfg.get("threads"),
+                    latency_runs=cfg.get("latency_runs", 50),
                     dense=dense,
+                    eval_batches=export_batches(trainer.limit_test_batches),
                     deployments=[
                         form
                         for cb in recipe_callbacks.values()

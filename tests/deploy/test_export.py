@@ -13,6 +13,7 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sparse import export
 from lightning_sparse.callbacks import MagnitudePruning, QuantizationAwareTraining
@@ -26,6 +27,7 @@ from lightning_sparse.models import MLP, SmallCNN
 from lightning_sparse.module import ClassificationModule
 from lightning_sparse.posttrain.ptq import ptq
 from lightning_sparse.run.recipe import check_target, compose_config, config_dir
+from lightning_sparse.run.training import export_batches
 from tests.helpers import quiet_trainer
 
 SUMMARY_KEYS = {
@@ -271,9 +273,33 @@ def test_a_dataloader_or_an_example_input_will_do(tmp_path: Path, datamodule: An
         export_model(module, [], tmp_path / "none")
 
 
+def test_eval_batches_evaluates_the_first_batches_only(tmp_path: Path, datamodule: Any) -> None:
+    """As many test batches as the run's test pass (`limit_test_batches`), not the whole split."""
+    module = _digits_module()
+    datamodule.setup("test")
+    batches = list(datamodule.test_dataloader())
+    assert len(batches) >= 3
+    one = export_model(module, datamodule, tmp_path / "one", latency_runs=1, eval_batches=1)
+    first_only = DataLoader(TensorDataset(*batches[0]), batch_size=len(batches[0][0]))
+    alone = export_model(module, first_only, tmp_path / "alone", latency_runs=1)
+    whole = export_model(module, datamodule, tmp_path / "whole", latency_runs=1)
+    assert one["onnx_fp32_acc"] == alone["onnx_fp32_acc"]
+    with torch.no_grad():
+        first = float((module(batches[0][0]).argmax(1) == batches[0][1]).float().mean())
+    assert one["onnx_fp32_acc"] == pytest.approx(first)
+    assert whole["onnx_fp32_acc"] != one["onnx_fp32_acc"]
+    assert export_batches(1) == 1
+    assert export_batches(1.0) is None  # Lightning's "all of them"
+    assert export_batches(0.25) is None
+    assert export_batches(True) is None
+
+
 def test_bad_export_arguments_name_the_field(tmp_path: Path, datamodule: Any) -> None:
     with pytest.raises(ValueError, match=r"`batch_size`=0 is not allowed; it must be an int >= 1"):
         export_model(_digits_module(), datamodule, tmp_path / "e", batch_size=0)
+    assert not (tmp_path / "e").exists()
+    with pytest.raises(ValueError, match=r"`eval_batches`=0 is not allowed; it must be an int"):
+        export_model(_digits_module(), datamodule, tmp_path / "e", eval_batches=0)
     assert not (tmp_path / "e").exists()
 
 

@@ -72,6 +72,10 @@ CASES = {
         ["data=image_folder", "data.root='{tmp}/images'"],
         "`data.root`='{tmp}/images': not found; point it at the data's folder.",
     ),
+    "latency-runs": (
+        ["latency_runs=0"],
+        "`latency_runs`=0 is not allowed; give the number of timed ONNX Runtime runs per model",
+    ),
     "nothing-to-do": (
         ["resume='{tmp}/done'", "trainer.max_epochs=2"],
         "`resume`='{tmp}/done': nothing to do: the run has trained all its 2 epochs",

@@ -10,7 +10,13 @@ import torch
 
 from lightning_sparse.core.checkpoint import NotACheckpointError
 from lightning_sparse.run.cli import compose_config
-from lightning_sparse.run.job import ConfigError, build_data, check_paths, set_threads
+from lightning_sparse.run.job import (
+    ConfigError,
+    build_data,
+    check_latency_runs,
+    check_paths,
+    set_threads,
+)
 from lightning_sparse.run.report import environment_info, write_json
 
 
@@ -34,6 +40,18 @@ def test_threads_are_set_and_recorded() -> None:
 def test_bad_threads_are_refused(bad: object) -> None:
     with pytest.raises(ConfigError, match=r"`threads`=.* is not allowed; give an integer >= 1"):
         set_threads(bad)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, "many", True, None])
+def test_bad_latency_runs_are_refused(bad: object) -> None:
+    with pytest.raises(ConfigError, match=r"`latency_runs`=.* is not allowed; give the number"):
+        check_latency_runs(bad)
+
+
+def test_the_jobs_time_50_runs_and_a_quick_run_3() -> None:
+    assert compose_config([]).latency_runs == 50
+    assert compose_config(["debug=quick"]).latency_runs == 3
+    assert compose_config(["ckpt_path=x"], config_name="oneshot").latency_runs == 50
 
 
 def test_every_entry_config_sets_one_thread_by_default() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,7 @@ def test_convert_from_the_command_line(tmp_path: Path) -> None:
     result = forkserver.run(
         ["-m", "lightning_sparse.recipe", "convert", str(STAGED)],
         REPO,
+        {**os.environ, "PYTHONWARNINGS": "ignore"},
     )
     assert result.returncode == 0, result.stderr
     assert yaml.safe_load(result.stdout)["trainer"] == {"max_epochs": 15}
@@ -132,6 +134,7 @@ def test_convert_from_the_command_line(tmp_path: Path) -> None:
     refused = forkserver.run(
         ["-m", "lightning_sparse.recipe", "convert", str(bad)],
         REPO,
+        {**os.environ, "PYTHONWARNINGS": "ignore"},
     )
     assert refused.returncode == 2
     assert "MovementPruningModifier" in refused.stderr

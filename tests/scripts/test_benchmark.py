@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import subprocess
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +16,7 @@ from types import ModuleType
 import pytest
 
 from lightning_sparse.core.schedule import SparsitySchedule
+from tests import forkserver
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "scripts" / "benchmark.py"
@@ -58,11 +59,10 @@ def markdown_tables(text: str) -> list[list[list[str]]]:
 @pytest.mark.slow
 def test_quick_run_writes_and_prints_both_sections(tmp_path: Path) -> None:
     output = tmp_path / "benchmarks.md"
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--output", str(output)],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
+    result = forkserver.run(
+        [str(SCRIPT), "--quick", "--output", str(output)],
+        REPO_ROOT,
+        {**os.environ, "PYTHONWARNINGS": "ignore"},
         timeout=120,
     )
     assert result.returncode == 0, result.stderr[-3000:]
