@@ -132,6 +132,22 @@ def test_a_sized_schedule_is_picked_by_model_data_and_recipe() -> None:
     assert chosen.recipe.quantization.start_epoch == 2.5
 
 
+def test_a_models_settings_for_a_data_set_are_picked_by_their_names() -> None:
+    for config, required in (("train", []), ("oneshot", ["ckpt_path=x"])):
+        assert compose_config([*required, "data=mnist5k"], config_name=config).model.lr == 0.003
+        assert compose_config(required, config_name=config).model.lr == 0.01  # digits
+        chosen = compose_config([*required, "data=mnist5k", "model.lr=0.02"], config_name=config)
+        assert chosen.model.lr == 0.02
+    assert compose_config(["data=mnist5k", "model=lenet5"]).model.lr == 0.001  # none for lenet5
+
+
+def test_every_tuned_config_names_a_model_and_data() -> None:
+    names = {f"{model}_{data}" for model in options("model") for data in options("data")}
+    assert options("tuned")
+    for option in options("tuned"):
+        assert option in names, f"conf/tuned/{option}.yaml matches no <model>_<data>"
+
+
 def test_every_sized_schedule_names_a_model_data_and_recipe() -> None:
     """A misspelt conf/sized file would never be picked: each must name existing options."""
     names = {
