@@ -37,6 +37,8 @@ def _args(**kwargs: Any) -> argparse.Namespace:
         "removal_epoch": 20.0,
         "warmup": 2.0,
         "strengths": [1e-4],
+        "slim_model": "cnn",
+        "slim_data": "digits",
         "argv": [],
     }
     return argparse.Namespace(**{**defaults, **kwargs})
@@ -117,6 +119,10 @@ def test_render_reports_seeds_macs_and_the_dominating_trials(
     text = bench.render(slim, _args())
     assert "| slimming, penalty 0.0001 | 91.00 ± 1.41 | 90.00 ± 0.00 | 500 |" in text
     assert "1,000 MACs dense" in text
+    assert "## Network Slimming (cnn, digits)" in text
+    assert "`data=digits model=cnn model.model.batch_norm=true`" in text
+    resnet = bench.render(slim, _args(slim_model="resnet18", slim_data="mnist5k"))
+    assert "`data=mnist5k model=resnet18` (1,000 MACs dense)" in resnet  # its own BatchNorm
     found = bench.render_search(search, _args(search_data="mnist5k"))
     assert "(mnist5k)" in found
     assert "1 of the trials dominate it" in found
