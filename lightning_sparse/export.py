@@ -50,15 +50,16 @@ log = logging.getLogger(__name__)
 _FROM_RUN = ("data", "model")
 
 
-def run_config(cfg: DictConfig, checkpoint: Path) -> tuple[str | None, dict[str, Any]]:
-    """Put the checkpoint's own ``data`` and ``model`` into ``cfg``; return its recipe.
+def run_config(cfg: DictConfig, checkpoint: Path) -> tuple[str | None, dict[str, Any], int | None]:
+    """Put the checkpoint's own ``data`` and ``model`` into ``cfg``; return its recipe and seed.
 
     The command line wins: ``data=``/``model=`` keep the composed node, and ``data.<key>=`` or
     ``model.<key>=`` change the stored one. A checkpoint without a stored config (not written by
     ``train``) leaves ``cfg`` as composed.
 
     Returns:
-        The stored recipe's name and the recipe itself (``{}`` when unknown).
+        The stored recipe's name, the recipe itself (``{}`` when unknown) and the seed the run
+        was trained with (None when the checkpoint does not say).
     """
     import torch
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -73,7 +74,9 @@ def run_config(cfg: DictConfig, checkpoint: Path) -> tuple[str | None, dict[str,
         stored, _ = stored_config(checkpoint)
     except ResumeError:
         log.info("%s holds no run config: data and model as composed.", checkpoint)
-        return name, recipe
+        return name, recipe, None
+    seed = stored.get("seed")
+    trained_seed = int(seed) if isinstance(seed, int) and not isinstance(seed, bool) else None
     parsed = OverridesParser.create().parse_overrides(_command_line())
     chosen = {o.key_or_group for o in parsed if o.key_or_group in _FROM_RUN}
     for group in _FROM_RUN:
@@ -87,19 +90,7 @@ def run_config(cfg: DictConfig, checkpoint: Path) -> tuple[str | None, dict[str,
             )
     if OmegaConf.select(cfg, "model.init_from", default=None) is not None:
         cfg.model.init_from = None  # the checkpoint gives the weights; its init source may be gone
-    return name, recipe
-
-
-def _run_seed(checkpoint: Path) -> int | None:
-    """The seed the checkpoint's run was trained with (its stored config), or None if unknown."""
-    from lightning_sparse.run.resume import ResumeError, stored_config
-
-    try:
-        stored, _ = stored_config(checkpoint)
-    except ResumeError:
-        return None
-    seed = stored.get("seed")
-    return int(seed) if isinstance(seed, int) and not isinstance(seed, bool) else None
+    return name, recipe, trained_seed
 
 
 def _command_line() -> list[str]:
@@ -130,8 +121,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     job.set_threads(cfg.get("threads"))
     pl.seed_everything(int(cfg.seed), workers=True)
     checkpoint = readable_checkpoint(str(cfg.ckpt_path), field="ckpt_path")
-    recipe_name, recipe = run_config(cfg, checkpoint)
-    trained_seed = _run_seed(checkpoint)
+    recipe_name, recipe, trained_seed = run_config(cfg, checkpoint)
     job.check_paths(cfg)
     datamodule = job.build_data(cfg)
     module: pl.LightningModule = instantiate(cfg.model)

@@ -86,7 +86,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
 
     job.set_threads(cfg.get("threads"))
-    job.check_latency_runs(cfg.get("latency_runs", 50))
+    job.latency_runs(cfg)  # checked before any work
     pl.seed_everything(int(cfg.seed), workers=True)
     trainer_kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
     finetune_epochs = int(cfg.get("finetune_epochs") or 0)
@@ -142,7 +142,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             datamodule,
             run_dir / "export",
             threads=cfg.threads,
-            latency_runs=cfg.get("latency_runs", 50),
+            latency_runs=job.latency_runs(cfg),
         )
         summary.update(exported)
     report.write_summary(summary, run_dir)

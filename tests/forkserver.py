@@ -147,7 +147,6 @@ def serve() -> None:
 
 class _Server:
     def __init__(self, env: dict[str, str]) -> None:
-        self.env = env
         self.process = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve())],
             cwd=REPO,

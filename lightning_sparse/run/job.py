@@ -85,6 +85,21 @@ def check_threads(threads: Any) -> None:
         )
 
 
+# The export's timed runs per model when a config does not say (one stored before the key existed).
+LATENCY_RUNS = 50
+
+
+def latency_runs(cfg: Any) -> int:
+    """The job's ``latency_runs`` (checked; :data:`LATENCY_RUNS` when the config has none).
+
+    Raises:
+        ConfigError: it is not an integer >= 1.
+    """
+    runs = cfg.get("latency_runs", LATENCY_RUNS)
+    check_latency_runs(runs)
+    return int(runs)
+
+
 def check_latency_runs(runs: Any) -> None:
     """Raise :class:`ConfigError` unless ``runs`` (timed ONNX Runtime runs per model) is >= 1."""
     if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:

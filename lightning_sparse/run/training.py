@@ -244,14 +244,14 @@ def check_job(cfg: DictConfig) -> tuple[dict[str, Any], str | None, dict[str, Ca
         The trainer's keyword arguments, the ``baseline``, and the recipe's callbacks (built).
 
     Raises:
-        ConfigError: ``threads``, ``trainer.strategy``, ``objectives`` or ``baseline`` cannot
-            work, or the recipe holds one-shot steps.
+        ConfigError: ``threads``, ``latency_runs``, ``trainer.strategy``, ``objectives`` or
+            ``baseline`` cannot work, or the recipe holds one-shot steps.
         lightning_sparse.recipe.RecipeError: the recipe is invalid.
         FileNotFoundError, NotACheckpointError: a path (``ckpt_path``, ``model.init_from``,
             ``data.root``, a teacher checkpoint) is missing or not a checkpoint.
     """
     job.check_threads(cfg.get("threads"))
-    job.check_latency_runs(cfg.get("latency_runs", 50))
+    job.latency_runs(cfg)
     trainer_kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
     check_strategy(trainer_kwargs)
     objective_names(cfg)
@@ -493,7 +493,7 @@ def _fit_test_report(
                     datamodule,
                     run_dir / "export",
                     threads=cfg.get("threads"),
-                    latency_runs=cfg.get("latency_runs", 50),
+                    latency_runs=job.latency_runs(cfg),
                     dense=dense,
                     eval_batches=export_batches(trainer.limit_test_batches),
                     deployments=[
