@@ -215,17 +215,24 @@ def _mean_sd(values: list[float], scale: float = 100.0) -> str:
     return f"{scale * statistics.mean(values):.2f} ± {scale * statistics.stdev(values):.2f}"
 
 
-def render(slim: list[dict[str, Any]], args: argparse.Namespace) -> str:
+def _provenance(args: argparse.Namespace, threads: str) -> list[str]:
+    """The command, date, machine and versions under a section's title."""
     import torch
 
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    header = [
+    return [
         f"`python scripts/benchmark_slimming.py {shlex.join(args.argv)}`".replace(" `", "`"),
-        f"({now}; {_machine()}, shared with other jobs; torch {torch.__version__}; "
-        "one torch thread).",
+        f"({now}; {_machine()}, shared with other jobs; torch {torch.__version__}; {threads}).",
         "",
     ]
-    lines = [f"## Network Slimming ({args.slim_model}, {args.slim_data})", "", *header]
+
+
+def render(slim: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    lines = [
+        f"## Network Slimming ({args.slim_model}, {args.slim_data})",
+        "",
+        *_provenance(args, "one torch thread"),
+    ]
     if slim:
         dense = slim[0]["runs"][0]["summary"]["macs_dense"]
         model = " ".join(slim_model(args.slim_model, args.slim_data))
@@ -260,9 +267,6 @@ def _ms(summary: dict[str, Any]) -> str:
 
 
 def render_search(search: dict[str, Any], args: argparse.Namespace) -> str:
-    import torch
-
-    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     main = search["main"]["summary"]
     trials = search["trials"]
     done = [t for t in trials if t["summary"].get("status") == "ok"]
@@ -270,10 +274,9 @@ def render_search(search: dict[str, Any], args: argparse.Namespace) -> str:
     lines = [
         f"## Compression-aware search vs the main recipe ({args.search_data})",
         "",
-        f"`python scripts/benchmark_slimming.py {shlex.join(args.argv)}`".replace(" `", "`"),
-        f"({now}; {_machine()}, shared with other jobs; torch {torch.__version__}; "
-        f"one torch thread per job; the search took {search['minutes']:.0f} min).",
-        "",
+        *_provenance(
+            args, f"one torch thread per job; the search took {search['minutes']:.0f} min"
+        ),
         f"`{search['command']}`: {len(trials)} trials ({len(done)} completed), Optuna's "
         f"Pareto front holds {search['front']}. The main job (`{search['main']['command']}`, "
         f"recipe gmp_qat_distill: 90% unstructured zeros, int8) has validation accuracy "
