@@ -39,6 +39,8 @@ def _args(**kwargs: Any) -> argparse.Namespace:
         "strengths": [1e-4],
         "slim_model": "cnn",
         "slim_data": "digits",
+        "baselines": ["l1", "bn_scale"],
+        "override": [],
         "argv": [],
     }
     return argparse.Namespace(**{**defaults, **kwargs})
@@ -62,6 +64,15 @@ def test_every_variant_removes_half_the_macs_on_the_same_schedule(bench: ModuleT
         assert "recipe.channel.start_epoch=20.0" in overrides
     assert "~recipe.regularization" in variants["channel removal, l1 (no penalty)"]
     assert "recipe.regularization.strength=0.001" in variants["slimming, penalty 0.001"]
+
+
+def test_baselines_can_be_chosen_and_overrides_reach_every_variant(bench: ModuleType) -> None:
+    args = _args(baselines=["l1"], override=["model.lr_schedule=cosine"])
+    variants = dict(bench.slimming_variants(args))
+    assert list(variants) == ["channel removal, l1 (no penalty)", "slimming, penalty 0.0001"]
+    for overrides in variants.values():
+        # last, so it wins over the variant's own values
+        assert overrides[-1] == "model.lr_schedule=cosine"
 
 
 @pytest.mark.parametrize(
