@@ -37,6 +37,7 @@ __all__ = [
     "full_error_requested",
     "log_traceback",
     "misspelled_key",
+    "null_group",
     "precheck_command_line",
     "user_message",
 ]
@@ -192,8 +193,28 @@ def misspelled_key(override: str, others: Sequence[str], config_name: str = "tra
     return None
 
 
+def null_group(override: str) -> str | None:
+    """Our message for ``group=null`` (``recipe=null``), which Hydra refuses with a ValueError that
+    names neither the group nor its options; None for any other override."""
+    key, _, value = override.partition("=")
+    key = key.lstrip("+")
+    # hydra/...: Hydra's groups hold options of Hydra's own (basic) beside the ones shipped here.
+    if value.strip().lower() != "null" or "." in key or key.startswith("hydra/"):
+        return None
+    group = config_dir() / key
+    if not group.is_dir():
+        return None
+    choices = sorted(path.stem for path in group.glob("*.yaml"))
+    hint = " (`recipe=dense` trains with no compression)" if key == "recipe" else ""
+    return (
+        f"`{override}`: {key} is a config group; choose one of its options: "
+        f"{', '.join(choices)}{hint}."
+    )
+
+
 def precheck_command_line(config_name: str, argv: Sequence[str] | None = None) -> None:
-    """Catch a misspelled ``key=value`` before Hydra composes the run; print our hint and exit 1.
+    """Catch a misspelled ``key=value`` (or a null config group, :func:`null_group`) before Hydra
+    composes the run; print our hint and exit 1.
 
     Hydra's own message for a key the config lacks suggests adding it with ``+``, which for a typo
     (``recipe.pruning.final_sparsty=0.9``) is the wrong fix. This composes the command line's
@@ -204,6 +225,10 @@ def precheck_command_line(config_name: str, argv: Sequence[str] | None = None) -
     if split is None:
         return
     config_name, overrides = split
+    null = next(filter(None, map(null_group, overrides)), None)
+    if null is not None:
+        print(null, file=sys.stderr)
+        sys.exit(1)
     if not any(_VALUE_OVERRIDE.match(o) for o in overrides):
         return
     first = first_job_overrides(overrides)

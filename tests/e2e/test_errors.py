@@ -125,6 +125,18 @@ def test_a_misspelled_key_gets_the_nearest_name_before_hydras_hint() -> None:
     assert not Path("/nonexistent/never").exists()
 
 
+def test_a_null_config_group_names_the_group_and_its_options() -> None:
+    # Hydra's own message: "Config group override must be a string or a list. Got NoneType".
+    result = run_app("recipe=null", "hydra.run.dir=/nonexistent/never")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("`recipe=null`: recipe is a config group; choose one of its")
+    assert "gmp_qat_distill" in lines[0]
+    assert "`recipe=dense` trains with no compression" in lines[0]
+    assert not Path("/nonexistent/never").exists()
+
+
 def test_a_misspelled_key_in_a_sweep_is_caught_too() -> None:
     result = run_app("-m", "trainer.max_epoch=1,2", "hydra.sweep.dir=/nonexistent/never")
     assert result.returncode == 1
