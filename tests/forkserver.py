@@ -16,14 +16,18 @@ Written here because neither pytest nor pytest-xdist offers a pre-imported fork 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +53,11 @@ STARTUP_VARIABLES = (
     "OMP_NUM_THREADS",
     "MKL_NUM_THREADS",
     "CUDA_VISIBLE_DEVICES",
+    # Lightning's rank_zero_only reads a process's rank when lightning is imported.
+    "RANK",
+    "LOCAL_RANK",
+    "SLURM_PROCID",
+    "JSM_NAMESPACE_RANK",
 )
 
 
@@ -170,9 +179,15 @@ class _Server:
         return reply
 
     def run(
-        self, argv: list[str], cwd: Path, env: dict[str, str], timeout: float
+        self,
+        argv: list[str],
+        cwd: Path,
+        env: dict[str, str],
+        timeout: float,
+        started: Callable[[int], None] | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        """``argv``: ``["-m", module, *args]`` or ``[script, *args]``."""
+        """``argv``: ``["-m", module, *args]`` or ``[script, *args]``; ``started`` gets the
+        child's pid (its process group) once it runs."""
         assert self.process.stdin is not None
         module, path = (argv[1], None) if argv[0] == "-m" else (None, str(Path(cwd, argv[0])))
         args = argv[2:] if module else argv[1:]
@@ -190,6 +205,8 @@ class _Server:
             self.process.stdin.write(json.dumps(request) + "\n")
             self.process.stdin.flush()
             pid = self._read(timeout=60)["pid"]
+            if started is not None:
+                started(pid)
             try:
                 code = self._read(timeout)["returncode"]
             except TimeoutError:
@@ -220,16 +237,20 @@ def _startup(env: dict[str, str]) -> tuple[tuple[str, str | None], ...]:
 
 
 def run(
-    argv: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 600
+    argv: list[str],
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 600,
+    started: Callable[[int], None] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """``subprocess.run([sys.executable, *argv], cwd, env, capture_output, text)``, faster.
 
-    ``argv`` of the form ``-m lightning_sparse.<app> ...`` or ``<script>.py ...`` runs in a child
-    of the fork server started for the same start-up environment; anything else in a fresh
-    interpreter.
+    ``argv`` of the form ``-m lightning_sparse.<app> ...`` (or a ``tests.`` module) or
+    ``<script>.py ...`` runs in a child of the fork server started for the same start-up
+    environment; anything else in a fresh interpreter. ``started`` gets a forked child's pid.
     """
     env = dict(os.environ if env is None else env)
-    app = len(argv) >= 2 and argv[0] == "-m" and argv[1].startswith("lightning_sparse.")
+    app = len(argv) >= 2 and argv[0] == "-m" and argv[1].startswith(("lightning_sparse.", "tests."))
     script = bool(argv) and argv[0].endswith(".py") and Path(cwd, argv[0]).is_file()
     if not (app or script):
         return subprocess.run(
@@ -245,7 +266,68 @@ def run(
     server = _servers.get(key)
     if server is None or server.process.poll() is not None:
         server = _servers[key] = _Server(env)
-    return server.run(argv, cwd, env, timeout)
+    return server.run(argv, cwd, env, timeout, started)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def run_ranks(
+    argv: list[str], cwd: Path, env: dict[str, str] | None = None, world_size: int = 2,
+    timeout: float = 300,
+) -> list[subprocess.CompletedProcess[str]]:  # fmt: skip
+    """``world_size`` ranks of one command on this machine, started as ``torchrun`` starts them.
+
+    Each rank gets ``MASTER_ADDR``/``MASTER_PORT``, ``WORLD_SIZE``, ``NODE_RANK``, ``RANK`` and
+    ``LOCAL_RANK`` in its environment, so Lightning's DDP strategy joins the group instead of
+    launching the other ranks itself. The ranks run at once, each through :func:`run` (a rank's
+    number is a start-up variable: each rank has its own server). A rank that fails ends the
+    others (they would wait for it until the timeout), as Lightning's launcher does. Returns the
+    ranks' results in rank order.
+    """
+    base = dict(os.environ if env is None else env)
+    port = str(_free_port())
+    envs = [
+        {
+            **base,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "WORLD_SIZE": str(world_size),
+            "NODE_RANK": "0",
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+        }
+        for rank in range(world_size)
+    ]
+    pids: list[int] = []
+    failed = threading.Event()
+    lock = threading.Lock()
+
+    def end(pid: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+
+    def started(pid: int) -> None:
+        with lock:
+            pids.append(pid)
+            if failed.is_set():  # a rank already failed before this one started
+                end(pid)
+
+    def one(rank_env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        result = run(argv, cwd, rank_env, timeout, started=started)
+        if result.returncode != 0:
+            with lock:
+                failed.set()
+                for pid in pids:
+                    end(pid)
+        return result
+
+    with ThreadPoolExecutor(max_workers=world_size) as pool:
+        return list(pool.map(one, envs))
 
 
 @atexit.register

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -135,20 +133,20 @@ def end_ddp() -> None:
 def run_ddp_script(module: str, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run ``python -m <module> <out_dir>`` (a 2-rank DDP script); return both ranks' records.
 
-    Each script saves ``<out_dir>/rank<r>.pt``; Lightning starts rank 1 by re-running the command.
+    The two ranks start as ``torchrun`` would start them (:func:`tests.forkserver.run_ranks`):
+    real processes in a gloo group, each told its rank by the environment, so Lightning's DDP
+    strategy joins them instead of re-running the command for rank 1 (that launcher is the
+    app's: tests/e2e/test_ddp.py and the README's ``trainer=ddp_sim``). Each script saves
+    ``<out_dir>/rank<r>.pt``.
     """
+    from tests import forkserver
+
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    env.pop("LOCAL_RANK", None)
-    result = subprocess.run(
-        [sys.executable, "-m", module, str(out_dir)],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    results = forkserver.run_ranks(["-m", module, str(out_dir)], REPO_ROOT, env, timeout=300)
+    codes = [result.returncode for result in results]
+    # the rank that failed first (the others were ended: -9)
+    failed = next((r for r in results if r.returncode not in (0, -9)), results[0])
+    assert codes == [0, 0], f"exit codes {codes}:\n{failed.stderr[-3000:]}"
     rank0 = torch.load(out_dir / "rank0.pt", weights_only=True)
     rank1 = torch.load(out_dir / "rank1.pt", weights_only=True)
     assert rank0["world_size"] == rank1["world_size"] == 2

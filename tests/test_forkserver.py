@@ -91,3 +91,42 @@ def test_a_command_past_its_timeout_is_killed(tmp_path: Path) -> None:
     )
     assert after.returncode == 0
     assert "train is powered by Hydra" in after.stdout
+
+
+RANKS = """
+import os, sys
+import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_only
+
+rank = int(os.environ["RANK"])
+if sys.argv[1] == "fail" and rank == 0:
+    sys.exit(3)
+dist.init_process_group("gloo")  # env://: MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE
+total = torch.tensor([rank + 1])
+dist.all_reduce(total)
+print(rank, os.environ["LOCAL_RANK"], dist.get_world_size(), int(total), rank_zero_only.rank)
+dist.destroy_process_group()
+"""
+
+
+def test_ranks_start_as_torchrun_starts_them_and_join_one_group(tmp_path: Path) -> None:
+    (tmp_path / "ranks.py").write_text(RANKS)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    results = forkserver.run_ranks(["ranks.py", "ok"], tmp_path, env, timeout=120)
+    assert [r.returncode for r in results] == [0, 0], [r.stderr[-2000:] for r in results]
+    # rank, local rank, world size, the all-reduced sum 1 + 2, and Lightning's rank_zero_only
+    # rank, which Lightning reads from the environment when it is imported
+    assert [r.stdout.split() for r in results] == [
+        ["0", "0", "2", "3", "0"],
+        ["1", "1", "2", "3", "1"],
+    ]
+
+
+def test_a_failed_rank_ends_the_ranks_waiting_for_it(tmp_path: Path) -> None:
+    (tmp_path / "ranks.py").write_text(RANKS)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    # rank 1 would wait for rank 0 in init_process_group for 30 minutes; the timeout is shorter,
+    # so a rank left waiting would raise TimeoutExpired here
+    results = forkserver.run_ranks(["ranks.py", "fail"], tmp_path, env, timeout=120)
+    assert [r.returncode for r in results] == [3, -9]

@@ -1,7 +1,8 @@
 """Run by tests/callbacks/test_weight_clustering.py: weight clustering under CPU DDP (gloo).
 
-Lightning's DDP launcher starts rank 1 by re-running this command, so it must be a standalone
-module. Usage, from the repository root: python -m tests.callbacks.ddp_clustering_script OUT_DIR
+A standalone module: each rank runs this command (tests.helpers.run_ddp_script starts both,
+as torchrun does; alone, Lightning's launcher would start rank 1 by re-running it).
+Usage, from the repository root: python -m tests.callbacks.ddp_clustering_script OUT_DIR
 Each rank writes OUT_DIR/rank<r>.pt with its codebooks at clustering and at the end, and its final
 weights. Rank 1's weights are perturbed just before clustering, so its own k-means would differ:
 the broadcast must make rank 0's codebooks win.

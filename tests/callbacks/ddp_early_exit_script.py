@@ -1,7 +1,8 @@
 """Run by tests/callbacks/test_early_exit.py: EarlyExit under 2-process DDP.
 
-Lightning's DDP launcher starts rank 1 by re-running this command, so it must be a standalone
-module. Usage, from the repository root: python -m tests.callbacks.ddp_early_exit_script OUT_DIR
+A standalone module: each rank runs this command (tests.helpers.run_ddp_script starts both,
+as torchrun does; alone, Lightning's launcher would start rank 1 by re-running it).
+Usage, from the repository root: python -m tests.callbacks.ddp_early_exit_script OUT_DIR
 Each rank writes OUT_DIR/rank<r>.pt with its heads, thresholds and what it calibrated on.
 """
 

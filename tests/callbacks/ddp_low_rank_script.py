@@ -1,7 +1,8 @@
 """Run by tests/callbacks/test_low_rank_ddp.py: factorization under real 2-process CPU DDP (gloo).
 
-Lightning's DDP launcher starts rank 1 by re-running this command, so it must be a standalone
-module. Usage, from the repository root: python -m tests.callbacks.ddp_low_rank_script OUT_DIR
+A standalone module: each rank runs this command (tests.helpers.run_ddp_script starts both,
+as torchrun does; alone, Lightning's launcher would start rank 1 by re-running it).
+Usage, from the repository root: python -m tests.callbacks.ddp_low_rank_script OUT_DIR
 Each rank writes OUT_DIR/rank<r>.pt with the change it applied, what it proposed, whether the DDP
 wrapper held the module's parameters after the factorization, and its final weights.
 """

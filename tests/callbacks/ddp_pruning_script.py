@@ -1,7 +1,8 @@
 """Run by tests/callbacks/test_pruning_ddp.py: gradual pruning under real 2-process CPU DDP (gloo).
 
-Lightning's DDP launcher starts rank 1 by re-running this command, so it must be a standalone
-module. Usage, from the repository root: python -m tests.callbacks.ddp_pruning_script OUT_DIR
+A standalone module: each rank runs this command (tests.helpers.run_ddp_script starts both,
+as torchrun does; alone, Lightning's launcher would start rank 1 by re-running it).
+Usage, from the repository root: python -m tests.callbacks.ddp_pruning_script OUT_DIR
 Each rank writes OUT_DIR/rank<r>.pt with the weights it saw before each mask update, the masks it
 ended up with after each update, and its final weights.
 """

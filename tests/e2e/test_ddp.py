@@ -24,7 +24,7 @@ from lightning_sparse.deploy.export import export_model
 from lightning_sparse.run.recipe import compose_config
 from lightning_sparse.run.report import weights_digest
 from lightning_sparse.run.training import ConfigError, _check_launch, check_strategy, run
-from tests.e2e.app import QUICK, QUICK_PRUNING, run_app
+from tests.e2e.app import QUICK, QUICK_PRUNING, run_app, run_app_ranks
 
 ComposeRunCfg = Callable[..., DictConfig]
 
@@ -132,8 +132,10 @@ def test_multi_node_overrides_compose() -> None:
 @pytest.mark.slow
 def test_ddp_runs_the_main_recipe_with_every_technique_in_agreement(tmp_path: Path) -> None:
     # gmp_qat_distill, squeezed: dense to epoch 0.5, then distil (logits and conv2's features)
-    # and prune to epoch 1, QAT from epoch 1, 3 epochs.
-    result = run_app(
+    # and prune to epoch 1, QAT from epoch 1, 3 epochs. The ranks are started as torchrun or srun
+    # start them (the README's multi-node commands): every rank runs the app with the same run
+    # dir, and Lightning joins them instead of launching rank 1.
+    results = run_app_ranks(
         *QUICK,
         "recipe=gmp_qat_distill",
         "recipe.pruning.start_epoch=0.5",
@@ -144,7 +146,10 @@ def test_ddp_runs_the_main_recipe_with_every_technique_in_agreement(tmp_path: Pa
         "debug.rank_report=true",
         f"hydra.run.dir={tmp_path}",
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r.returncode for r in results] == [0, 0], [r.stderr[-3000:] for r in results]
+    # the summary table is printed once, by rank 0
+    assert "sparsity" in results[0].stdout
+    assert "sparsity" not in results[1].stdout
     summary = read_json(tmp_path / "summary.json")
     rank0 = read_json(tmp_path / "ranks" / "rank0.json")
     rank1 = read_json(tmp_path / "ranks" / "rank1.json")
