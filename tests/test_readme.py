@@ -32,11 +32,16 @@ SKIPPED = {
     "hydra/launcher=slurm": "needs a SLURM cluster",
     "#SBATCH": "a SLURM batch script: needs a SLURM cluster",
 }
+# Commands an e2e test runs with the same launcher and stronger assertions, by a word they hold ->
+# that test (it must pass the word as an argument of its run).
+COVERED = {
+    "hydra/launcher=joblib": (
+        "tests/e2e/test_sweeps.py::test_grid_sweep_on_joblib_runs_every_combination_in_its_own_dir"
+    ),
+}
 # Shortenings: the same command with fewer sweep values, trials or parallel jobs.
 SHORTER = {
-    "seed=0,1,2,3": "seed=0,1",
     "seed=0,1,2": "seed=0",
-    "hydra.launcher.n_jobs=4": "hydra.launcher.n_jobs=2",
     "hydra.sweeper.n_trials=40": "hydra.sweeper.n_trials=2",
     "recipe.pruning.final_sparsity=0.8,0.9,0.95": "recipe.pruning.final_sparsity=0.8,0.95",
 }
@@ -64,7 +69,19 @@ def bash_commands() -> list[str]:
 
 
 def _skip_reason(command: str) -> str | None:
-    return next((why for word, why in SKIPPED.items() if word in command), None)
+    covered = {word: f"run by {test}" for word, test in COVERED.items()}
+    return next((why for word, why in {**SKIPPED, **covered}.items() if word in command), None)
+
+
+@pytest.mark.parametrize(("word", "test"), COVERED.items())
+def test_a_covered_command_is_run_by_the_test_named(word: str, test: str) -> None:
+    path, name = test.split("::")
+    source = (REPO / path).read_text()
+    assert f"def {name}(" in source, test
+    body = source[source.index(f"def {name}(") :]
+    body = body[: body.find("\ndef ", 1)]
+    assert f'"{word}"' in body, f"{test} does not run {word}"
+    assert any(word in command for command in bash_commands()), f"no README command holds {word}"
 
 
 def test_every_command_is_run_or_skipped_for_a_reason() -> None:
