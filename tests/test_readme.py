@@ -146,6 +146,7 @@ def wide(work: Path) -> Path:
             "debug=quick",
             "recipe=dense",
             "model.model.width=128",
+            "export=false",  # a teacher: its checkpoint is what is read
             f"hydra.run.dir={run_dir}",
         ],
         work,
@@ -165,6 +166,7 @@ def sweep(work: Path) -> Path:
             "-m",
             "debug=quick",
             "recipe.pruning.final_sparsity=0.8,0.9",
+            "export=false",  # compare reads the summaries
             f"hydra.sweep.dir={sweep_dir}",
         ],
         work,

@@ -63,7 +63,15 @@ def run_oneshot(output_dir: Path, *overrides: str) -> dict[str, Any]:
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A dense SmallCNN trained on the digits for 6 epochs: its run dir."""
     run_dir = tmp_path_factory.mktemp("trained")
-    compose_and_run(train, "train", run_dir, "recipe=dense", "trainer.max_epochs=6", "~logger.csv")
+    compose_and_run(
+        train,
+        "train",
+        run_dir,
+        "recipe=dense",
+        "trainer.max_epochs=6",
+        "~logger.csv",
+        "export=false",
+    )
     return run_dir
 
 

@@ -23,7 +23,8 @@ from tests.e2e.app import QUICK, QUICK_PRUNING, REPO
 from tests.wandb_offline import offline_runs
 
 # One quick epoch per job; pruning reaches its target by the end of it.
-ONE_EPOCH = [*QUICK, "trainer.max_epochs=1", *QUICK_PRUNING]
+# No export: these sweeps are about jobs, dirs and reports (the search on MACs exports).
+ONE_EPOCH = [*QUICK, "trainer.max_epochs=1", *QUICK_PRUNING, "export=false"]
 _WANDB_VARS = ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_PROJECT", "WANDB_ENTITY")
 
 
@@ -111,6 +112,7 @@ def test_a_failed_job_does_not_stop_the_sweep_and_is_reported(
         *QUICK,
         *QUICK_PRUNING,
         "logger=[csv,wandb]",
+        "export=false",
         "+trainer.max_steps=1,-1",
         f"hydra.sweep.dir={sweep}",
         tmp_path=tmp_path,

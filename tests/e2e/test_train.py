@@ -174,7 +174,7 @@ def test_app_rejects_a_bad_recipe_before_training(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_run_global_sparsity(compose_run_cfg: ComposeRunCfg) -> None:
-    cfg = compose_run_cfg(*QUICK, *QUICK_PRUNING, "recipe=gmp_global")
+    cfg = compose_run_cfg(*QUICK, *QUICK_PRUNING, "recipe=gmp_global", "export=false")
     summary = run(cfg)
     assert summary["recipe"]["name"] == "gmp_global"
     assert summary["sparsity"] == pytest.approx(0.9, abs=1e-3)
@@ -187,7 +187,9 @@ def test_run_global_sparsity(compose_run_cfg: ComposeRunCfg) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize(("model", "backbone"), [("cnn", SmallCNN), ("mlp", MLP)])
 def test_run_2of4(compose_run_cfg: ComposeRunCfg, model: str, backbone: type) -> None:
-    cfg = compose_run_cfg(*QUICK, *QUICK_PRUNING, "recipe=gmp_2of4", f"model={model}")
+    cfg = compose_run_cfg(
+        *QUICK, *QUICK_PRUNING, "recipe=gmp_2of4", f"model={model}", "export=false"
+    )
     summary = run(cfg)
     assert summary["sparsity"] == pytest.approx(0.5, abs=1e-6)
     assert "model.conv1.weight" not in summary["sparsity_per_layer"]
@@ -206,7 +208,8 @@ def test_resume_from_checkpoint_matches_uninterrupted(
     compose_run_cfg: ComposeRunCfg, tmp_path: Path
 ) -> None:
     # A constant learning rate: stopping with max_epochs=1 would otherwise shorten the cosine.
-    overrides = [*QUICK, *QUICK_PRUNING, "model.lr_schedule=constant"]
+    # No export: what is compared is the checkpoint (the export's round trips are test_app_*'s).
+    overrides = [*QUICK, *QUICK_PRUNING, "model.lr_schedule=constant", "export=false"]
     straight = run(compose_run_cfg(*overrides, output_dir=tmp_path / "straight"))
     # The same recipe stopped after epoch 1, then resumed from its last checkpoint to epoch 2.
     stopped = run(compose_run_cfg(*overrides, "trainer.max_epochs=1", output_dir=tmp_path / "a"))
@@ -228,7 +231,10 @@ def test_resume_from_checkpoint_matches_uninterrupted(
     first_summary = (tmp_path / "a" / "summary.json").read_text()
     continued = run(
         compose_run_cfg(
-            f"resume='{tmp_path / 'a'}'", "trainer.max_epochs=2", output_dir=tmp_path / "c"
+            f"resume='{tmp_path / 'a'}'",
+            "trainer.max_epochs=2",
+            "export=false",
+            output_dir=tmp_path / "c",
         )
     )
     assert continued["epochs"] == 2
@@ -295,7 +301,7 @@ METRIC_KEYS = ("test_acc", "val_acc", "sparsity", "sparsity_per_layer", "params_
 def test_same_seed_and_recipe_give_the_same_summary(
     compose_run_cfg: ComposeRunCfg, tmp_path: Path
 ) -> None:
-    overrides = [*QUICK, *QUICK_PRUNING, "seed=3"]
+    overrides = [*QUICK, *QUICK_PRUNING, "seed=3", "export=false"]
     first = run(compose_run_cfg(*overrides, output_dir=tmp_path / "first"))
     second = run(compose_run_cfg(*overrides, output_dir=tmp_path / "second"))
     assert {k: first[k] for k in METRIC_KEYS} == {k: second[k] for k in METRIC_KEYS}
@@ -377,7 +383,9 @@ def test_wandb_online_without_network_falls_back_to_offline(
     monkeypatch.setenv("WANDB_MODE", "online")
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
     monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
-    cfg = compose_run_cfg(*QUICK, "trainer.max_epochs=1", "recipe=dense", "logger=wandb")
+    cfg = compose_run_cfg(
+        *QUICK, "trainer.max_epochs=1", "recipe=dense", "logger=wandb", "export=false"
+    )
     with caplog.at_level(logging.WARNING, logger="lightning_sparse.run.tracking"):
         summary = run(cfg)
     assert "cannot be reached" in caplog.text
@@ -444,10 +452,11 @@ def test_unknown_objective_is_refused_before_training(compose_run_cfg: ComposeRu
 def test_dense_baseline_trained_in_the_job_is_a_dense_run(
     compose_run_cfg: ComposeRunCfg, tmp_path: Path
 ) -> None:
+    quick = [*QUICK, "export=false"]  # the baseline's numbers come from the test pass
     compressed = run(
-        compose_run_cfg(*QUICK, *QUICK_PRUNING, "baseline=train", output_dir=tmp_path / "c")
+        compose_run_cfg(*quick, *QUICK_PRUNING, "baseline=train", output_dir=tmp_path / "c")
     )
-    dense = run(compose_run_cfg(*QUICK, "recipe=dense", "baseline=null", output_dir=tmp_path / "d"))
+    dense = run(compose_run_cfg(*quick, "recipe=dense", "baseline=null", output_dir=tmp_path / "d"))
     assert compressed["dense_baseline"] == {"kind": "train", "epochs": 2}
     assert compressed["dense_test_acc"] == dense["test_acc"]
     assert "dense_test_acc" not in dense
@@ -459,7 +468,7 @@ def test_dense_baseline_trained_in_the_job_is_a_dense_run(
     ]
     assert len(test_rows) == 1
     # Pruning from epoch 0 leaves no dense phase to snapshot.
-    default = run(compose_run_cfg(*QUICK, *QUICK_PRUNING, output_dir=tmp_path / "s"))
+    default = run(compose_run_cfg(*quick, *QUICK_PRUNING, output_dir=tmp_path / "s"))
     assert default["dense_baseline"] == {"kind": "snapshot", "epoch": None}
     assert default["dense_test_acc"] is None
 
