@@ -3,7 +3,9 @@
 The run writes ``ranks/rank<r>.json`` from every rank (``debug.rank_report=true``): digests of
 its masks and of its module's state, the metrics it sees and the files it wrote. Equal digests
 mean the ranks hold the same masks and weights; the checkpoint is then evaluated in one plain
-process and must reproduce the accuracy the DDP run reported.
+process and must reproduce the accuracy the DDP run reported. The first run's rank 1 is started
+by Lightning's launcher (as `trainer=ddp_sim` does for a user); the others' ranks are started as
+torchrun or srun start them, each told its rank by the environment.
 """
 
 from __future__ import annotations
