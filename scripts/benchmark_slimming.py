@@ -13,8 +13,9 @@ trained with the same data and seed; whether a trial dominates the main job on (
 accuracy, MACs), with each one's ONNX Runtime latency beside it.
 
 Each part replaces only its own block of the output (``<!-- slimming:start -->`` ...
-``<!-- slimming:end -->``, ``<!-- nas:start -->`` ... ``<!-- nas:end -->``; appended if missing),
-so one can be rerun without the other (``--skip``). Run from the repository root::
+``<!-- slimming:end -->`` for the CNN on digits, ``<!-- slimming-<model>-<data>:start -->`` for
+others, ``<!-- nas:start -->`` ... ``<!-- nas:end -->``; appended if missing), so one can be rerun
+without the other (``--skip``). Run from the repository root::
 
     python scripts/benchmark_slimming.py                 # ~15 min on 2 busy CPU cores
     python scripts/benchmark_slimming.py --skip slimming --search-data mnist5k --trials 40 --jobs 2
@@ -49,6 +50,15 @@ from lightning_sparse.run.markdown import write_marked_block
 REPO = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- slimming:start -->", "<!-- slimming:end -->"
 NAS_BEGIN, NAS_END = "<!-- nas:start -->", "<!-- nas:end -->"
+
+
+def slimming_markers(model: str, data: str) -> tuple[str, str]:
+    """The block a slimming run writes: one per model and data set, so the CNN on digits and
+    ResNet-18 on mnist5k keep their own sections."""
+    if (model, data) == ("cnn", "digits"):
+        return BEGIN, END
+    tag = f"slimming-{model}-{data}"
+    return f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
 
 
 def slim_model(model: str, data: str) -> list[str]:
@@ -366,7 +376,7 @@ def main(argv: list[str] | None = None) -> None:
         search = None if args.skip == "search" else search_section(args, work)
     if slim:
         text = render(slim, args)
-        write_marked_block(args.output, BEGIN, END, text)
+        write_marked_block(args.output, *slimming_markers(args.slim_model, args.slim_data), text)
         print(text)
     if search is not None:
         text = render_search(search, args)

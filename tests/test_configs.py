@@ -132,6 +132,11 @@ def test_a_sized_schedule_is_picked_by_model_data_and_recipe() -> None:
     )
     assert chosen.trainer.max_epochs == 6
     assert chosen.recipe.quantization.start_epoch == 2.5
+    slimming = compose_config(["recipe=slimming", "model=resnet18", "data=mnist5k"])
+    assert slimming.trainer.max_epochs == 5
+    assert slimming.model.lr_schedule == "cosine"
+    # the penalty still ends where the channels go
+    assert slimming.recipe.regularization.end_epoch == slimming.recipe.channel.start_epoch == 3.0
 
 
 def test_a_models_settings_for_a_data_set_are_picked_by_their_names() -> None:
@@ -161,6 +166,23 @@ def test_every_sized_schedule_names_a_model_data_and_recipe() -> None:
     assert options("sized")
     for option in options("sized"):
         assert option in names, f"conf/sized/{option}.yaml matches no <model>_<data>_<recipe>"
+
+
+@pytest.mark.parametrize("option", options("sized"))
+def test_every_sized_schedule_fits_its_trainer_and_model(option: str) -> None:
+    (choice,) = [
+        (model, data, recipe)
+        for model in options("model")
+        for data in options("data")
+        for recipe in options("recipe")
+        if f"{model}_{data}_{recipe}" == option
+    ]
+    model, data, recipe = choice
+    cfg = compose_config([f"model={model}", f"data={data}", f"recipe={recipe}"])
+    plain = compose_config([f"model={model}", f"data={data}", f"recipe={recipe}", "~sized"])
+    assert cfg != plain, f"conf/sized/{option}.yaml changes nothing"
+    callbacks = instantiate_recipe(cfg.recipe, cfg.trainer)  # every epoch within max_epochs
+    check_against_model(callbacks, instantiate(cfg.model))
 
 
 def test_every_group_is_chosen_somewhere() -> None:

@@ -149,3 +149,21 @@ def test_render_reports_seeds_macs_and_the_dominating_trials(
     assert "91.00 ± 1.41" in written
     assert "and 3.00 ms fp32" in written
     assert "2.50 ms" not in written
+
+
+def test_each_model_and_data_set_keeps_its_own_block(bench: ModuleType, tmp_path: Path) -> None:
+    out = tmp_path / "benchmarks.md"
+    cnn = bench.slimming_markers("cnn", "digits")
+    resnet = bench.slimming_markers("resnet18", "mnist5k")
+    assert cnn == (bench.BEGIN, bench.END)
+    assert resnet == (
+        "<!-- slimming-resnet18-mnist5k:start -->",
+        "<!-- slimming-resnet18-mnist5k:end -->",
+    )
+    bench.write_marked_block(out, *cnn, "cnn table")
+    bench.write_marked_block(out, *resnet, "resnet table")
+    bench.write_marked_block(out, *resnet, "resnet table, rerun")
+    text = out.read_text()
+    assert "cnn table" in text
+    assert "resnet table, rerun" in text
+    assert text.count("resnet table") == 1
