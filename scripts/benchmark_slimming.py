@@ -100,13 +100,27 @@ def _train_run(overrides: list[str], run_dir: Path, quick: bool) -> dict[str, An
             f"hydra.run.dir={run_dir}",
         ]
     )
-    result = subprocess.run(
-        command, cwd=REPO, env=_env(), capture_output=True, text=True, check=False
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"{shlex.join(command)} failed:\n{result.stderr[-3000:]}")
+    if finished_run(run_dir, command) is None:
+        result = subprocess.run(
+            command, cwd=REPO, env=_env(), capture_output=True, text=True, check=False
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"{shlex.join(command)} failed:\n{result.stderr[-3000:]}")
     summary = json.loads((run_dir / "summary.json").read_text())
     return {"command": _shown(command), "summary": summary}
+
+
+def finished_run(run_dir: Path, command: list[str]) -> dict[str, Any] | None:
+    """The summary of a run already finished in ``run_dir`` with this command's overrides (a
+    ``--work-dir`` kept from an earlier, interrupted or extended benchmark), else None."""
+    summary_path, overrides_path = run_dir / "summary.json", run_dir / ".hydra" / "overrides.yaml"
+    if not (summary_path.is_file() and overrides_path.is_file()):
+        return None
+    planned = [arg for arg in command[3:] if not arg.startswith("hydra.run.dir=")]
+    if yaml.safe_load(overrides_path.read_text()) != planned:
+        return None
+    summary: dict[str, Any] = json.loads(summary_path.read_text())
+    return summary if summary.get("status") == "ok" else None
 
 
 def slimming_variants(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
@@ -365,13 +379,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--quick", action="store_true", help="a smoke run: debug=quick, one seed, two trials"
     )
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help="keep the runs here (default: a temporary dir); a run already finished there with "
+        "the same overrides is reused, so an interrupted or extended benchmark picks up",
+    )
     parser.add_argument("--output", type=Path, default=REPO / "docs" / "benchmarks.md")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.quick:
         args.seeds, args.strengths, args.trials = [0], [1e-3], 2
     with tempfile.TemporaryDirectory(prefix="bench_slimming_") as tmp:
-        work = Path(tmp)
+        work = args.work_dir or Path(tmp)
         slim = [] if args.skip == "slimming" else slimming_section(args, work)
         search = None if args.skip == "search" else search_section(args, work)
     if slim:

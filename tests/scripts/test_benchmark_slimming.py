@@ -167,3 +167,19 @@ def test_each_model_and_data_set_keeps_its_own_block(bench: ModuleType, tmp_path
     assert "cnn table" in text
     assert "resnet table, rerun" in text
     assert text.count("resnet table") == 1
+
+
+def test_a_finished_run_with_the_same_overrides_is_reused(
+    bench: ModuleType, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "0_0"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "overrides.yaml").write_text("- model=resnet18\n- seed=0\n")
+    (run_dir / "summary.json").write_text('{"status": "ok", "val_acc": 0.5}')
+    command = bench._command(["model=resnet18", "seed=0", f"hydra.run.dir={run_dir}"])
+    assert bench.finished_run(run_dir, command) == {"status": "ok", "val_acc": 0.5}
+    other = bench._command(["model=resnet18", "seed=1", f"hydra.run.dir={run_dir}"])
+    assert bench.finished_run(run_dir, other) is None
+    (run_dir / "summary.json").write_text('{"status": "failed"}')
+    assert bench.finished_run(run_dir, command) is None
+    assert bench.finished_run(tmp_path / "missing", command) is None
