@@ -9,6 +9,7 @@ working directory, environment, stdout/stderr to files, exit code, atexit handle
 process group. A child is a copy of a process that only imported modules, so no state of one run
 reaches the next. Commands that are not the app, or whose environment differs from the server's
 in variables an interpreter reads at start-up, run in a fresh interpreter as before.
+:func:`run_ranks` starts the ranks of a DDP command the way torchrun does, each from a server.
 
 Written here because neither pytest nor pytest-xdist offers a pre-imported fork server.
 """
@@ -277,9 +278,12 @@ def _free_port() -> int:
 
 
 def run_ranks(
-    argv: list[str], cwd: Path, env: dict[str, str] | None = None, world_size: int = 2,
+    argv: list[str],
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    world_size: int = 2,
     timeout: float = 300,
-) -> list[subprocess.CompletedProcess[str]]:  # fmt: skip
+) -> list[subprocess.CompletedProcess[str]]:
     """``world_size`` ranks of one command on this machine, started as ``torchrun`` starts them.
 
     Each rank gets ``MASTER_ADDR``/``MASTER_PORT``, ``WORLD_SIZE``, ``NODE_RANK``, ``RANK`` and
