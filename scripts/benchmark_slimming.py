@@ -92,32 +92,27 @@ def _shown(command: list[str]) -> str:
 
 
 def _train_run(overrides: list[str], run_dir: Path, quick: bool) -> dict[str, Any]:
-    command = _command(
-        [
-            *overrides,
-            *(["debug=quick"] if quick else []),
-            "trainer.enable_progress_bar=false",
-            f"hydra.run.dir={run_dir}",
-        ]
-    )
-    if finished_run(run_dir, command) is None:
+    # Hydra records these (not the hydra.* ones) in the run's .hydra/overrides.yaml.
+    task = [*overrides, *(["debug=quick"] if quick else []), "trainer.enable_progress_bar=false"]
+    command = _command([*task, f"hydra.run.dir={run_dir}"])
+    summary = finished_run(run_dir, task)
+    if summary is None:
         result = subprocess.run(
             command, cwd=REPO, env=_env(), capture_output=True, text=True, check=False
         )
         if result.returncode != 0:
             raise RuntimeError(f"{shlex.join(command)} failed:\n{result.stderr[-3000:]}")
-    summary = json.loads((run_dir / "summary.json").read_text())
+        summary = json.loads((run_dir / "summary.json").read_text())
     return {"command": _shown(command), "summary": summary}
 
 
-def finished_run(run_dir: Path, command: list[str]) -> dict[str, Any] | None:
-    """The summary of a run already finished in ``run_dir`` with this command's overrides (a
+def finished_run(run_dir: Path, overrides: list[str]) -> dict[str, Any] | None:
+    """The summary of a run already finished in ``run_dir`` with these overrides (a
     ``--work-dir`` kept from an earlier, interrupted or extended benchmark), else None."""
     summary_path, overrides_path = run_dir / "summary.json", run_dir / ".hydra" / "overrides.yaml"
     if not (summary_path.is_file() and overrides_path.is_file()):
         return None
-    planned = [arg for arg in command[3:] if not arg.startswith("hydra.run.dir=")]
-    if yaml.safe_load(overrides_path.read_text()) != planned:
+    if yaml.safe_load(overrides_path.read_text()) != overrides:
         return None
     summary: dict[str, Any] = json.loads(summary_path.read_text())
     return summary if summary.get("status") == "ok" else None

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sparse.data.resumable import train_sampler
+from tests import forkserver
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,8 +140,6 @@ def run_ddp_script(module: str, out_dir: Path) -> tuple[dict[str, Any], dict[str
     app's: tests/e2e/test_ddp.py and the README's ``trainer=ddp_sim``). Each script saves
     ``<out_dir>/rank<r>.pt``.
     """
-    from tests import forkserver
-
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     results = forkserver.run_ranks(["-m", module, str(out_dir)], REPO_ROOT, env, timeout=300)
     codes = [result.returncode for result in results]

@@ -23,14 +23,17 @@ QUICK = [
 QUICK_PRUNING = ["recipe.pruning.start_epoch=0", "recipe.pruning.end_epoch=1"]
 
 
+def _app_env() -> dict[str, str]:
+    return {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
+
+
 def run_app(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     """``python -m lightning_sparse.train *args`` as a user would run it; output captured."""
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
-    return forkserver.run(["-m", "lightning_sparse.train", *args], REPO, env, timeout)
+    return forkserver.run(["-m", "lightning_sparse.train", *args], REPO, _app_env(), timeout)
 
 
 def run_app_ranks(*args: str, timeout: float = 240) -> list[subprocess.CompletedProcess[str]]:
     """``python -m lightning_sparse.train *args`` as two DDP ranks that a launcher (torchrun,
     srun) started: each knows its rank from the environment, and Lightning joins them."""
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
-    return forkserver.run_ranks(["-m", "lightning_sparse.train", *args], REPO, env, 2, timeout)
+    argv = ["-m", "lightning_sparse.train", *args]
+    return forkserver.run_ranks(argv, REPO, _app_env(), 2, timeout)

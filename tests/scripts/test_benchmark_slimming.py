@@ -176,10 +176,9 @@ def test_a_finished_run_with_the_same_overrides_is_reused(
     (run_dir / ".hydra").mkdir(parents=True)
     (run_dir / ".hydra" / "overrides.yaml").write_text("- model=resnet18\n- seed=0\n")
     (run_dir / "summary.json").write_text('{"status": "ok", "val_acc": 0.5}')
-    command = bench._command(["model=resnet18", "seed=0", f"hydra.run.dir={run_dir}"])
-    assert bench.finished_run(run_dir, command) == {"status": "ok", "val_acc": 0.5}
-    other = bench._command(["model=resnet18", "seed=1", f"hydra.run.dir={run_dir}"])
-    assert bench.finished_run(run_dir, other) is None
+    overrides = ["model=resnet18", "seed=0"]
+    assert bench.finished_run(run_dir, overrides) == {"status": "ok", "val_acc": 0.5}
+    assert bench.finished_run(run_dir, ["model=resnet18", "seed=1"]) is None
     (run_dir / "summary.json").write_text('{"status": "failed"}')
-    assert bench.finished_run(run_dir, command) is None
-    assert bench.finished_run(tmp_path / "missing", command) is None
+    assert bench.finished_run(run_dir, overrides) is None
+    assert bench.finished_run(tmp_path / "missing", overrides) is None
