@@ -118,27 +118,46 @@ def finished_run(run_dir: Path, overrides: list[str]) -> dict[str, Any] | None:
     return summary if summary.get("status") == "ok" else None
 
 
+BASELINES = {
+    # name: (label, importance, allocation)
+    "l1": ("channel removal, l1, uniform (no penalty)", "l1", "uniform"),
+    "l1_global": ("channel removal, l1, global (no penalty)", "l1", "global"),
+    "bn_scale": ("channel removal, bn_scale, uniform (no penalty)", "bn_scale", "uniform"),
+    "bn_scale_global": ("channel removal, bn_scale, global (no penalty)", "bn_scale", "global"),
+}
+
+
 def slimming_variants(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     """(label, overrides) of each variant; the same schedule and MACs target for all."""
     schedule = [
         f"trainer.max_epochs={args.epochs}",
         f"recipe.channel.start_epoch={args.removal_epoch}",
-        "recipe.channel.final_sparsity=0.5",
+        f"recipe.channel.final_sparsity={args.removal}",
     ]
-    # The same recipe, the penalty removed: what channel removal does without slimming.
-    plain = ["recipe=slimming", "~recipe.regularization", *schedule]
-    baselines = {
-        "l1": ("channel removal, l1 (no penalty)", [*plain, "recipe.channel.importance=l1"]),
-        "bn_scale": ("channel removal, bn_scale (no penalty)", plain),
-    }
-    variants = [baselines[name] for name in baselines if name in args.baselines]
+    variants = []
+    for name in args.baselines:
+        # The same recipe, the penalty removed: what channel removal does without slimming.
+        label, importance, allocation = BASELINES[name]
+        variants.append(
+            (
+                label,
+                [
+                    "recipe=slimming",
+                    "~recipe.regularization",
+                    *schedule,
+                    f"recipe.channel.importance={importance}",
+                    f"recipe.channel.allocation={allocation}",
+                ],
+            )
+        )
     for strength in args.strengths:
         variants.append(
             (
-                f"slimming, penalty {strength:g}",
+                f"slimming, penalty {strength:g}, {args.slim_allocation}",
                 [
                     "recipe=slimming",
                     *schedule,
+                    f"recipe.channel.allocation={args.slim_allocation}",
                     f"recipe.regularization.start_epoch={args.warmup}",
                     f"recipe.regularization.strength={strength}",
                 ],
@@ -274,8 +293,10 @@ def render(slim: list[dict[str, Any]], args: argparse.Namespace) -> str:
             "### Slimming vs channel removal without the penalty",
             "",
             f"`{model}` ({dense:,} MACs dense); "
-            f"{args.epochs} epochs, channels removed at epoch {args.removal_epoch:g} until half "
-            f"the MACs are gone, then fine-tuning; the slimming penalty from epoch "
+            f"{args.epochs} epochs, channels removed at epoch {args.removal_epoch:g} until "
+            f"{args.removal:.0%} of the MACs are gone, then fine-tuning; _uniform_: every group "
+            "of coupled channels keeps the same share, _global_: one ranking across layers "
+            "(`recipe.channel.allocation`); the slimming penalty from epoch "
             f"{args.warmup:g} to the removal. Seeds {', '.join(map(str, args.seeds))}: mean ± "
             "standard deviation, on the data set's own validation and test splits. Validation "
             "accuracy is the last validation pass.",
@@ -360,9 +381,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--baselines",
         nargs="*",
-        choices=["l1", "bn_scale"],
+        choices=list(BASELINES),
         default=["l1", "bn_scale"],
-        help="the no-penalty channel removals compared with slimming",
+        help="the no-penalty channel removals compared with slimming (importance, and _global: "
+        "one ranking across layers)",
+    )
+    parser.add_argument(
+        "--removal", type=float, default=0.5, help="share of the dense MACs removed"
+    )
+    parser.add_argument(
+        "--slim-allocation",
+        choices=["uniform", "global"],
+        default="uniform",
+        help="how the slimming runs share the removal among layers (the paper: global)",
     )
     parser.add_argument(
         "--override",

@@ -18,7 +18,13 @@ from lightning_sparse.callbacks.base import (
     to_plain,
 )
 from lightning_sparse.callbacks.structure import StructuralCompression, plain_copy
-from lightning_sparse.core.channels import IMPORTANCES, TARGETS, ChannelPlan, plan_removal
+from lightning_sparse.core.channels import (
+    IMPORTANCES,
+    TARGETS,
+    ChannelPlan,
+    check_allocation,
+    plan_removal,
+)
 from lightning_sparse.core.pruning_backend import channel_groups, require
 from lightning_sparse.core.structure import applied_changes
 from lightning_sparse.core.targets import (
@@ -29,7 +35,12 @@ from lightning_sparse.core.targets import (
     resolve_params,
 )
 
-__all__ = ["ChannelPruning", "kept_outputs", "plain_copy", "propose_channel_removal"]
+__all__ = [
+    "ChannelPruning",
+    "kept_outputs",
+    "plain_copy",
+    "propose_channel_removal",
+]
 
 
 def kept_outputs(model: nn.Module, selected: Sequence[str], head: str | None) -> list[str]:
@@ -54,6 +65,8 @@ def propose_channel_removal(
     round_to: int = 1,
     taylor: dict[str, torch.Tensor] | None = None,
     from_dense: bool = True,
+    allocation: str = "uniform",
+    max_group_sparsity: float = 0.9,
 ) -> ChannelPlan:
     """The channels to remove from ``model`` now (see ``core.channels.plan_removal``).
 
@@ -70,6 +83,9 @@ def propose_channel_removal(
         taylor: accumulated ``|w * grad|`` by weight name, for ``importance="taylor"``.
         from_dense: channel shares are of the widths before the model's earlier removals (a
             schedule's later updates); False: of the widths as they are (a one-shot step).
+        allocation: ``uniform`` (every group keeps the same share) or ``global`` (one ranking
+            across groups).
+        max_group_sparsity: with ``global``, the most of a group's width that may go.
     """
     copied = plain_copy(model)
     # The graph is traced through autograd: a frozen layer would be invisible to it.
@@ -88,6 +104,8 @@ def propose_channel_removal(
         history=applied_changes(model) if from_dense else (),
         round_to=round_to,
         taylor=taylor,
+        allocation=allocation,
+        max_group_sparsity=max_group_sparsity,
     )
 
 
@@ -107,8 +125,11 @@ class ChannelPruning(ScheduledCompression, StructuralCompression):
     so that ``init_sparsity`` .. ``final_sparsity`` (interpolated by ``inter_func``) of the dense
     model's MACs (``target="macs"``) or of its prunable channels (``target="channels"``) are gone,
     every group of coupled channels keeping the same share of its dense width, its least important
-    channels going first. The optimizer follows the smaller parameters (their moments cut alike),
-    under DDP the model is wrapped anew, and every rank removes rank 0's choice. Each removal is
+    channels going first; with ``allocation="global"`` the least important channels go wherever
+    they are (one ranking across groups, as Network Slimming's threshold on |gamma|), so layers end
+    up with different widths, none losing more than ``max_group_sparsity``. The optimizer
+    follows the smaller parameters (their moments cut alike), under DDP the model is wrapped
+    anew, and every rank removes rank 0's choice. Each removal is
     recorded in the checkpoint, so resume, export, one-shot and ``init_from`` rebuild the smaller
     model (the LightningModule must mix in ``CompressionModule``). Logs
     ``compression/<name>/macs``, ``.../macs_removed`` and ``.../params`` per epoch.
@@ -132,6 +153,11 @@ class ChannelPruning(ScheduledCompression, StructuralCompression):
             it removes is selected. The output layer is never selected.
         head: the output layer's name (``model.fc``); None: the model's last Conv/Linear layer.
         round_to: keep channel counts multiple of this (e.g. 8 for vector units).
+        allocation: ``uniform`` (every group of coupled channels keeps the same share of its
+            dense width) or ``global`` (one ranking across groups: ``bn_scale`` compares |gamma|
+            directly, weight norms as a share of their layer's mean; see ``core.channels``).
+        max_group_sparsity: with ``global``, the most of one group's dense width that may go,
+            in [0, 1) (a global ranking could otherwise empty a layer).
         name: distinguishes two instances in checkpoints and logs.
 
     Raises:
@@ -164,6 +190,8 @@ class ChannelPruning(ScheduledCompression, StructuralCompression):
         params: str | Sequence[str] = ALL_PRUNABLE,
         head: str | None = None,
         round_to: int = 1,
+        allocation: str = "uniform",
+        max_group_sparsity: float = 0.9,
         name: str | None = None,
     ) -> None:
         super().__init__(name=name)
@@ -190,6 +218,7 @@ class ChannelPruning(ScheduledCompression, StructuralCompression):
             )
         if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
             raise ValueError(f"`round_to`={round_to!r} is not allowed; it must be an int >= 1.")
+        check_allocation(allocation, max_group_sparsity)
         plain = to_plain(params)
         plain = [plain] if isinstance(plain, str) else plain
         if not isinstance(plain, list) or not plain or not all(isinstance(p, str) for p in plain):
@@ -204,6 +233,8 @@ class ChannelPruning(ScheduledCompression, StructuralCompression):
         self.params: list[str] = plain
         self.head = head
         self.round_to = round_to
+        self.allocation = allocation
+        self.max_group_sparsity = float(max_group_sparsity)
         self._targets: list[str] = []
         self._taylor: dict[str, torch.Tensor] = {}
 
@@ -332,11 +363,18 @@ class ChannelPruning(ScheduledCompression, StructuralCompression):
             dense_macs=self._dense_macs,
             round_to=self.round_to,
             taylor=self._taylor,
+            allocation=self.allocation,
+            max_group_sparsity=self.max_group_sparsity,
         )
         if not plan.reached:
+            fewest = (
+                f"{max(1, self.round_to)} channel(s) per group"
+                if self.allocation == "uniform"
+                else f"{1 - self.max_group_sparsity:.0%} of each group (max_group_sparsity)"
+            )
             rank_zero_warn(
                 f"{self.log_name}: removing {sparsity:.1%} of the {self.target} is more than the "
-                f"prunable layers hold; keeping {max(1, self.round_to)} channel(s) per group."
+                f"prunable layers hold; keeping {fewest}."
             )
         return plan.change if plan.change["layers"] else None
 

@@ -11,6 +11,16 @@ The ratio is the smallest that reaches the target: a fraction of the dense model
 multiply-accumulates (``macs``), predicted from each layer's cost, or of its prunable channels
 (``channels``). Uniform keeping avoids a global ranking's failure mode of emptying one layer, and
 keeps a schedule's updates nested: a channel removed early is never needed back.
+
+``allocation="global"`` instead ranks every group's channels against each other and removes the
+least important ones anywhere (Network Slimming's single threshold on |gamma|), so the widths
+follow the importances: a layer whose channels the regularizer drove to zero loses more of them.
+No group loses more than ``max_group_sparsity`` of its dense width. Scores are made comparable
+across groups: ``bn_scale`` as the mean |gamma| over the group's BatchNorms (one penalty acted
+on all of them, so their scales are on one footing); weight-based scores, whose size grows with
+a layer's fan-in, as a share of their group's mean (a channel scoring 0.2 is a fifth as important
+as its group's average one), and a group without a BatchNorm under ``bn_scale`` the same way,
+times the mean |gamma| of the others.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from torch.nn.modules.conv import _ConvNd
 from lightning_sparse.core.structure import REMOVE_CHANNELS, LayerCost, layer_costs
 
 __all__ = [
+    "ALLOCATIONS",
     "IMPORTANCES",
     "TARGETS",
     "ChannelGroup",
@@ -35,7 +46,11 @@ __all__ = [
     "Member",
     "change_for",
     "channel_scores",
+    "check_allocation",
+    "comparable_scores",
     "dense_widths",
+    "global_keep_counts",
+    "global_order",
     "keep_counts",
     "plan_removal",
     "predict_macs",
@@ -43,6 +58,7 @@ __all__ = [
 
 IMPORTANCES = ("l1", "l2", "bn_scale", "taylor")
 TARGETS = ("macs", "channels")
+ALLOCATIONS = ("uniform", "global")
 
 
 @dataclass(frozen=True)
@@ -161,6 +177,110 @@ def keep_counts(
     return counts
 
 
+def _bn_count(model: nn.Module, group: ChannelGroup) -> int:
+    return sum(
+        isinstance(model.get_submodule(m.layer), _BatchNorm)
+        and isinstance(getattr(model.get_submodule(m.layer), "weight", None), torch.Tensor)
+        for m in group.members
+    )
+
+
+def comparable_scores(
+    model: nn.Module,
+    groups: Sequence[ChannelGroup],
+    importance: str,
+    taylor: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Each group's :func:`channel_scores`, on one scale across groups (for a global ranking).
+
+    ``bn_scale``: the mean |gamma| over the group's BatchNorms (a residual group couples several).
+    Otherwise, and for a group without a BatchNorm, a channel's share of its group's mean score
+    (times the mean |gamma| of the BatchNorm groups under ``bn_scale``): weight norms grow with a
+    layer's fan-in, so only their ratios compare across layers.
+    """
+    scores: dict[str, torch.Tensor] = {}
+    relative: list[str] = []
+    for group in groups:
+        raw = channel_scores(model, group, importance, taylor)
+        bns = _bn_count(model, group) if importance == "bn_scale" else 0
+        if bns:
+            scores[group.root] = raw / bns
+        else:
+            mean = raw.mean() if raw.numel() else raw.new_tensor(0.0)
+            scores[group.root] = raw / mean if mean > 0 else torch.ones_like(raw)
+            relative.append(group.root)
+    if importance == "bn_scale" and len(relative) < len(groups):
+        gammas = torch.cat([s for root, s in scores.items() if root not in relative])
+        for root in relative:
+            scores[root] = scores[root] * gammas.mean()
+    return scores
+
+
+def global_order(
+    groups: Sequence[ChannelGroup],
+    dense: Mapping[str, int],
+    scores: Mapping[str, torch.Tensor],
+    max_group_sparsity: float,
+) -> list[str]:
+    """The groups' roots, one entry per removable channel, least important channel first.
+
+    Channels are ordered by score (ties by group, then position, as :func:`_lowest` breaks them);
+    a group's entries stop when it would keep fewer than ``ceil((1 - max_group_sparsity) *
+    dense)`` channels (and 1). The first ``k`` entries say how many channels each group loses
+    when ``k`` go: a ranking with ties (an untrained model's equal |gamma|) still removes one
+    channel at a time.
+    """
+    ranked = sorted(
+        (float(value), index, position, group.root)
+        for index, group in enumerate(groups)
+        for position, value in enumerate(scores[group.root].tolist())
+    )
+    room = {
+        g.root: g.channels - max(math.ceil((1.0 - max_group_sparsity) * dense[g.root] - 1e-9), 1)
+        for g in groups
+    }
+    order = []
+    for *_, root in ranked:
+        if room[root] > 0:
+            room[root] -= 1
+            order.append(root)
+    return order
+
+
+def global_keep_counts(
+    groups: Sequence[ChannelGroup], order: Sequence[str], count: int, round_to: int = 1
+) -> dict[str, int]:
+    """Channels each group keeps when the first ``count`` of :func:`global_order` go, rounded up
+    to a multiple of ``round_to`` (at most the group's width now)."""
+    removed: dict[str, int] = {}
+    for root in order[:count]:
+        removed[root] = removed.get(root, 0) + 1
+    counts = {}
+    for group in groups:
+        keep = group.channels - removed.get(group.root, 0)
+        if round_to > 1:
+            keep = round_to * math.ceil(keep / round_to)
+        counts[group.root] = min(keep, group.channels)
+    return counts
+
+
+def check_allocation(allocation: object, max_group_sparsity: object) -> None:
+    """Raise a ValueError naming ``allocation`` or ``max_group_sparsity`` if either is invalid."""
+    if allocation not in ALLOCATIONS:
+        raise ValueError(
+            f"`allocation`={allocation!r} is not allowed; choose one of {ALLOCATIONS}."
+        )
+    if (
+        not isinstance(max_group_sparsity, (int, float))
+        or isinstance(max_group_sparsity, bool)
+        or not 0.0 <= max_group_sparsity < 1.0
+    ):
+        raise ValueError(
+            f"`max_group_sparsity`={max_group_sparsity!r} is not allowed; it must be in [0, 1) "
+            "(the most of one group's channels a global ranking may remove)."
+        )
+
+
 def predict_macs(
     costs: Mapping[str, LayerCost], groups: Sequence[ChannelGroup], keep: Mapping[str, int]
 ) -> float:
@@ -245,6 +365,8 @@ def plan_removal(
     history: Sequence[Mapping[str, Any]] = (),
     round_to: int = 1,
     taylor: Mapping[str, torch.Tensor] | None = None,
+    allocation: str = "uniform",
+    max_group_sparsity: float = 0.9,
 ) -> ChannelPlan:
     """Which channels to remove now so that ``sparsity`` of the dense ``target`` is gone.
 
@@ -261,11 +383,34 @@ def plan_removal(
         history: the structure changes applied so far (for each group's dense width).
         round_to: keep channel counts multiple of this.
         taylor: accumulated ``|w * grad|`` by weight name, for ``importance="taylor"``.
+        allocation: ``uniform`` (every group keeps the same share of its dense width) or
+            ``global`` (the lowest :func:`comparable_scores` go wherever they are).
+        max_group_sparsity: with ``global``, the most of a group's dense width that may go.
 
     Returns:
-        The plan; ``reached`` is False when even keeping ``round_to`` channels per group would not
-        reach the target (then it keeps that few).
+        The plan; ``reached`` is False when even keeping the fewest channels allowed per group
+        (``round_to``; with ``global``, ``1 - max_group_sparsity`` of each) would not reach the
+        target (then it keeps that few). ``ratio``: the share of each group's dense width gone
+        (``uniform``), of all the groups' dense channels (``global``).
+
+    Raises:
+        ValueError: an unknown ``allocation``, or ``max_group_sparsity`` outside [0, 1).
     """
+    check_allocation(allocation, max_group_sparsity)
+    if allocation == "global":
+        return _plan_global(
+            model,
+            example,
+            groups,
+            sparsity=sparsity,
+            target=target,
+            importance=importance,
+            dense_macs=dense_macs,
+            history=history,
+            round_to=round_to,
+            taylor=taylor,
+            max_group_sparsity=max_group_sparsity,
+        )
     costs = layer_costs(model, example)
     dense = dense_widths(groups, history)
     channels_dense = sum(dense.values())
@@ -303,6 +448,63 @@ def plan_removal(
     return ChannelPlan(
         change=change_for(groups, removed),
         ratio=ratio,
+        keep=keep,
+        macs_before=macs_now,
+        macs_after=predict_macs(costs, groups, keep),
+        channels_dense=channels_dense,
+        channels_after=sum(keep.values()),
+        reached=reached,
+    )
+
+
+def _plan_global(
+    model: nn.Module,
+    example: torch.Tensor,
+    groups: Sequence[ChannelGroup],
+    *,
+    sparsity: float,
+    target: str,
+    importance: str,
+    dense_macs: int,
+    history: Sequence[Mapping[str, Any]],
+    round_to: int,
+    taylor: Mapping[str, torch.Tensor] | None,
+    max_group_sparsity: float,
+) -> ChannelPlan:
+    """:func:`plan_removal` with one ranking of :func:`comparable_scores` across the groups."""
+    costs = layer_costs(model, example)
+    dense = dense_widths(groups, history)
+    channels_dense = sum(dense.values())
+    macs_now = sum(cost.macs for cost in costs.values())
+    scores = comparable_scores(model, groups, importance, taylor)
+    order = global_order(groups, dense, scores, max_group_sparsity)
+
+    def remaining(count: int) -> float:
+        keep = global_keep_counts(groups, order, count, round_to)
+        if target == "macs":
+            return predict_macs(costs, groups, keep)
+        return float(sum(keep.values()))
+
+    goal = (1.0 - sparsity) * (dense_macs if target == "macs" else channels_dense)
+    # What remains only falls as more of the order goes: bisect for the fewest channels that
+    # reach the goal (all of the order, each group at its floor, if none does).
+    reached = remaining(len(order)) <= goal + 1e-6
+    low, high = 0, len(order)
+    if reached:
+        while low < high:
+            middle = (low + high) // 2
+            if remaining(middle) <= goal + 1e-6:
+                high = middle
+            else:
+                low = middle + 1
+    keep = global_keep_counts(groups, order, high, round_to)
+    removed = {
+        group.root: _lowest(scores[group.root], group.channels - keep[group.root])
+        for group in groups
+    }
+    return ChannelPlan(
+        change=change_for(groups, removed),
+        ratio=1.0 - sum(keep.values()) / channels_dense if channels_dense else 0.0,
         keep=keep,
         macs_before=macs_now,
         macs_after=predict_macs(costs, groups, keep),

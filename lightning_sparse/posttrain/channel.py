@@ -11,7 +11,7 @@ from typing_extensions import override
 
 from lightning_sparse.callbacks.base import is_number, to_plain
 from lightning_sparse.callbacks.channel import plain_copy, propose_channel_removal
-from lightning_sparse.core.channels import IMPORTANCES, TARGETS
+from lightning_sparse.core.channels import IMPORTANCES, TARGETS, check_allocation
 from lightning_sparse.core.pruning_backend import require
 from lightning_sparse.core.structure import apply_change, count_macs
 from lightning_sparse.core.targets import ALL_PRUNABLE, output_weight_excluded, resolve_params
@@ -35,10 +35,11 @@ class OneShotChannelPruning(OneShotStep):
 
     When it acts: once, in :meth:`apply`, before the optional fine-tune. Coupled layers shrink
     together and every group of coupled channels keeps the same share of its width, the least
-    important channels (by ``importance``) going first; the output layer keeps all its outputs.
-    The removal is recorded in the run's checkpoint, so ``export`` and ``init_from`` rebuild the
-    smaller model from it. A fine-tune afterwards (``finetune_epochs``) trains the smaller model
-    as it is; there are no zeros to hold.
+    important channels (by ``importance``) going first (``allocation="global"``: one ranking
+    across groups, none losing more than ``max_group_sparsity``); the output layer keeps all
+    its outputs. The removal is recorded in the run's checkpoint, so ``export`` and
+    ``init_from`` rebuild the smaller model from it. A fine-tune afterwards (``finetune_epochs``)
+    trains the smaller model as it is; there are no zeros to hold.
 
     Args:
         sparsity: share of the model's MACs (``target="macs"``) or prunable channels
@@ -52,6 +53,8 @@ class OneShotChannelPruning(OneShotStep):
             ``__ALL_PRUNABLE__``; never the output layer.
         head: the output layer's name; None: the model's last Conv/Linear layer.
         round_to: keep channel counts multiple of this.
+        allocation: ``uniform`` or ``global`` (see ``ChannelPruning``).
+        max_group_sparsity: with ``global``, the most of one group's width that may go, in [0, 1).
         calibration_batches: training batches read (the first one traces the model).
 
     Raises:
@@ -74,6 +77,8 @@ class OneShotChannelPruning(OneShotStep):
         head: str | None = None,
         round_to: int = 1,
         calibration_batches: int = 1,
+        allocation: str = "uniform",
+        max_group_sparsity: float = 0.9,
     ) -> None:
         if not is_number(sparsity) or not 0 <= sparsity < 1:
             raise ValueError(f"`sparsity`={sparsity!r} is not allowed; it must be in [0, 1).")
@@ -92,6 +97,7 @@ class OneShotChannelPruning(OneShotStep):
             )
         if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
             raise ValueError(f"`round_to`={round_to!r} is not allowed; it must be an int >= 1.")
+        check_allocation(allocation, max_group_sparsity)
         if (
             not isinstance(calibration_batches, int)
             or isinstance(calibration_batches, bool)
@@ -114,6 +120,8 @@ class OneShotChannelPruning(OneShotStep):
         self.params: list[str] = plain
         self.head = head
         self.round_to = round_to
+        self.allocation = allocation
+        self.max_group_sparsity = float(max_group_sparsity)
         self._calibration_batches = calibration_batches
 
     @property
@@ -147,6 +155,8 @@ class OneShotChannelPruning(OneShotStep):
             dense_macs=macs_before,
             round_to=self.round_to,
             from_dense=False,
+            allocation=self.allocation,
+            max_group_sparsity=self.max_group_sparsity,
         )
         if plan.change["layers"]:
             apply_change(module, plan.change)
@@ -174,5 +184,7 @@ class OneShotChannelPruning(OneShotStep):
             "params": list(self.params),
             "head": self.head,
             "round_to": self.round_to,
+            "allocation": self.allocation,
+            "max_group_sparsity": self.max_group_sparsity,
             "calibration_batches": self._calibration_batches,
         }

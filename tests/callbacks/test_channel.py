@@ -134,15 +134,22 @@ def test_the_optimizer_steps_the_new_parameters() -> None:
 
 
 @pytest.mark.parametrize(
-    ("importance", "resume_step"), [("l1", 10), ("l1", 15), ("taylor", 10), ("bn_scale", 5)]
+    ("importance", "resume_step", "allocation"),
+    [
+        ("l1", 10, "uniform"),
+        ("l1", 15, "uniform"),
+        ("taylor", 10, "uniform"),
+        ("bn_scale", 5, "uniform"),
+        ("l1", 10, "global"),
+    ],
 )
 def test_resume_after_a_crash_ends_bit_identical(
-    tmp_path: Path, importance: str, resume_step: int
+    tmp_path: Path, importance: str, resume_step: int, allocation: str
 ) -> None:
     def run(crash_at: int | None, ckpt_path: str | None) -> pl.LightningModule:
         pl.seed_everything(0)
         module = TinyChannelModule()
-        pruning = _pruning(importance=importance)
+        pruning = _pruning(importance=importance, allocation=allocation)
         fit_resumable(module, [pruning], tmp_path / "ckpt", crash_at, ckpt_path)
         return module
 
@@ -275,6 +282,35 @@ def test_resnet18_shrinks_its_residual_stages_together() -> None:
     assert module(torch.zeros(2, 4, 4, 4)).shape == (2, 4)
 
 
+def test_global_allocation_narrows_the_layers_whose_scales_are_small() -> None:
+    # Network Slimming's threshold: layer3's |gamma| are a tenth of the others', so a global
+    # ranking takes layer3's channels first (down to max_group_sparsity) and spares the rest
+    pl.seed_everything(0)
+    module = TinyChannelModule()
+    module.model = resnet18(num_classes=4, in_channels=4)
+    with torch.no_grad():
+        for name, layer in module.model.named_modules():
+            if isinstance(layer, nn.BatchNorm2d):
+                layer.weight.fill_(0.1 if name.startswith("layer3") else 1.0)
+    pruning = ChannelPruning(
+        final_sparsity=0.4,
+        start_epoch=0.5,
+        end_epoch=0.5,
+        importance="bn_scale",
+        allocation="global",
+        max_group_sparsity=0.75,
+    )
+    quiet_trainer(max_epochs=1, limit_train_batches=4, callbacks=[pruning]).fit(module, TinyData())
+    net = module.model
+    assert pruning.macs is not None
+    assert pruning.dense_macs is not None
+    assert pruning.macs <= 0.6 * pruning.dense_macs
+    assert net.layer3[0].conv1.out_channels == net.layer3[1].conv1.out_channels == 64  # 256 / 4
+    assert net.layer3[0].downsample[0].out_channels == 64
+    assert net.layer4[0].conv1.out_channels > 0.6 * 512  # more than a uniform 40% cut keeps
+    assert module(torch.zeros(2, 4, 4, 4)).shape == (2, 4)
+
+
 def test_macs_removed_is_logged_per_epoch() -> None:
     pruning = _pruning(name="channels")
     _, _, trainer = _fit(pruning)
@@ -333,6 +369,11 @@ def test_only_selected_layers_lose_outputs() -> None:
         ({"round_to": 0}, r"`round_to`=0 is not allowed"),
         ({"params": []}, r"`params`=\[\] must be a parameter name"),
         ({"head": ""}, r"`head`='' is not allowed"),
+        ({"allocation": "best"}, r"`allocation`='best' is not allowed; choose one of"),
+        (
+            {"allocation": "global", "max_group_sparsity": 1.0},
+            r"`max_group_sparsity`=1.0 is not allowed; it must be in \[0, 1\)",
+        ),
     ],
 )
 def test_bad_arguments_name_the_field(kwargs: dict[str, Any], message: str) -> None:

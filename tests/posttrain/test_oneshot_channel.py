@@ -73,6 +73,26 @@ def test_the_channels_target_removes_a_share_of_the_channels() -> None:
     assert module.model.fc2.out_features == 4
 
 
+def test_global_allocation_takes_the_channels_with_the_smallest_scales_anywhere() -> None:
+    module = _module("resnet18")
+    with torch.no_grad():
+        for name, layer in module.model.named_modules():
+            if isinstance(layer, torch.nn.BatchNorm2d):
+                layer.weight.fill_(0.05 if name.startswith("layer4") else 1.0)
+    step = OneShotChannelPruning(
+        0.5, importance="bn_scale", allocation="global", max_group_sparsity=0.8
+    )
+    summary = oneshot(module, _data(), [step])
+    report = summary["steps"]["oneshotchannelpruning"]
+    assert report["allocation"] == "global"
+    assert report["target_reached"]
+    assert report["macs_after"] <= 0.5 * report["macs_before"]
+    net = module.model
+    # layer4 (512 wide) goes to its floor, a fifth; the stem, with scales 20x larger, keeps all
+    assert net.layer4[0].conv1.out_channels == net.layer4[1].conv1.out_channels == 103
+    assert net.conv1.out_channels == 64
+
+
 def test_a_checkpoint_of_a_oneshot_model_without_the_mixin_still_records_it(
     tmp_path: Path,
 ) -> None:
@@ -93,6 +113,8 @@ def test_a_checkpoint_of_a_oneshot_model_without_the_mixin_still_records_it(
         ({"sparsity": 0.5, "round_to": 0}, r"`round_to`=0 is not allowed"),
         ({"sparsity": 0.5, "calibration_batches": 0}, r"`calibration_batches`=0 is not allowed"),
         ({"sparsity": 0.5, "params": []}, r"`params`=\[\] must be a parameter name"),
+        ({"sparsity": 0.5, "allocation": "layer"}, r"`allocation`='layer' is not allowed"),
+        ({"sparsity": 0.5, "max_group_sparsity": -0.1}, r"`max_group_sparsity`=-0.1 is not"),
     ],
 )
 def test_bad_arguments_name_the_field(kwargs: dict[str, Any], message: str) -> None:

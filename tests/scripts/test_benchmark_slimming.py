@@ -40,6 +40,8 @@ def _args(**kwargs: Any) -> argparse.Namespace:
         "slim_model": "cnn",
         "slim_data": "digits",
         "baselines": ["l1", "bn_scale"],
+        "removal": 0.5,
+        "slim_allocation": "uniform",
         "override": [],
         "argv": [],
     }
@@ -53,23 +55,45 @@ def _summary(val: float, macs: int, test: float = 0.9) -> dict[str, Any]:
 def test_every_variant_removes_half_the_macs_on_the_same_schedule(bench: ModuleType) -> None:
     variants = dict(bench.slimming_variants(_args(strengths=[1e-4, 1e-3])))
     assert list(variants) == [
-        "channel removal, l1 (no penalty)",
-        "channel removal, bn_scale (no penalty)",
-        "slimming, penalty 0.0001",
-        "slimming, penalty 0.001",
+        "channel removal, l1, uniform (no penalty)",
+        "channel removal, bn_scale, uniform (no penalty)",
+        "slimming, penalty 0.0001, uniform",
+        "slimming, penalty 0.001, uniform",
     ]
     for overrides in variants.values():
         assert "recipe=slimming" in overrides
         assert "recipe.channel.final_sparsity=0.5" in overrides
         assert "recipe.channel.start_epoch=20.0" in overrides
-    assert "~recipe.regularization" in variants["channel removal, l1 (no penalty)"]
-    assert "recipe.regularization.strength=0.001" in variants["slimming, penalty 0.001"]
+        assert "recipe.channel.allocation=uniform" in overrides
+    l1 = variants["channel removal, l1, uniform (no penalty)"]
+    assert "~recipe.regularization" in l1
+    assert "recipe.channel.importance=l1" in l1
+    assert "recipe.regularization.strength=0.001" in variants["slimming, penalty 0.001, uniform"]
+
+
+def test_global_variants_rank_across_layers_at_the_removal_asked(bench: ModuleType) -> None:
+    args = _args(baselines=["l1", "l1_global"], slim_allocation="global", removal=0.75)
+    variants = dict(bench.slimming_variants(args))
+    assert list(variants) == [
+        "channel removal, l1, uniform (no penalty)",
+        "channel removal, l1, global (no penalty)",
+        "slimming, penalty 0.0001, global",
+    ]
+    assert (
+        "recipe.channel.allocation=global" in variants["channel removal, l1, global (no penalty)"]
+    )
+    assert "recipe.channel.allocation=global" in variants["slimming, penalty 0.0001, global"]
+    for overrides in variants.values():
+        assert "recipe.channel.final_sparsity=0.75" in overrides
 
 
 def test_baselines_can_be_chosen_and_overrides_reach_every_variant(bench: ModuleType) -> None:
     args = _args(baselines=["l1"], override=["model.lr_schedule=cosine"])
     variants = dict(bench.slimming_variants(args))
-    assert list(variants) == ["channel removal, l1 (no penalty)", "slimming, penalty 0.0001"]
+    assert list(variants) == [
+        "channel removal, l1, uniform (no penalty)",
+        "slimming, penalty 0.0001, uniform",
+    ]
     for overrides in variants.values():
         # last, so it wins over the variant's own values
         assert overrides[-1] == "model.lr_schedule=cosine"
