@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -22,6 +23,7 @@ from lightning_sparse.callbacks.base import (
     ScheduleLimit,
     fractional_epoch,
     is_number,
+    steps_per_epoch,
     to_plain,
 )
 from lightning_sparse.core.masks import MaskType
@@ -30,6 +32,7 @@ from lightning_sparse.core.regularization import (
     fraction_below,
     parse_groups,
     penalty,
+    penalty_reach,
     resolve_penalty_params,
     strength_factor,
 )
@@ -203,6 +206,42 @@ class SparsityRegularization(CompressionCallback):
         if stage != "fit":
             return
         self._targets = self.resolve_targets(pl_module)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.optimizers and not vars(trainer).get("fast_dev_run"):
+            self.warn_if_out_of_reach(trainer)
+
+    def warn_if_out_of_reach(self, trainer: pl.Trainer) -> float | None:
+        """Warn when the penalty phase cannot shrink the targets by half their mean size.
+
+        With Adam at lr 1e-3 a parameter moves by at most ~1e-3 per step: three epochs of 55 steps
+        shrink every |gamma| by ~0.15 alike, far from the zeros a penalty is for (Network Slimming
+        trained 160 epochs). Returns the reach (None: the optimizer is not one it can bound).
+        """
+        end = self.end_epoch if self.end_epoch is not None else float(trainer.max_epochs or 0)
+        # The ramp counts half: its strength rises linearly from 0.
+        epochs = max(0.0, end - self.start_epoch - self.ramp_epochs / 2)
+        steps = epochs * steps_per_epoch(trainer)
+        weights = list(self._targets.values())
+        if not weights or steps <= 0:
+            return None
+        reach = penalty_reach(trainer.optimizers[0], weights, steps, self.strength)
+        with torch.no_grad():
+            size = float(torch.cat([w.detach().abs().flatten() for w in weights]).mean())
+        if reach is not None and reach < 0.5 * size:
+            optimizer = type(trainer.optimizers[0]).__name__
+            rank_zero_warn(
+                f"{self.log_name}: in {steps:.0f} optimizer steps (epochs {self.start_epoch:g}-"
+                f"{end:g}) {optimizer} at its learning rate can move a penalised weight by at most "
+                f"{reach:.3g}, but their mean size is {size:.3g}: the penalty cannot drive them "
+                "to zero in this phase"
+                + (" (a strong one shrinks them all alike)" if optimizer != "SGD" else "")
+                + ". Lengthen the phase (start_epoch/end_epoch) or raise the learning rate"
+                + (" or the strength" if optimizer == "SGD" else "")
+                + "; see the README's sparsity regularization section."
+            )
+        return reach
 
     def follow_model(self, model: nn.Module) -> dict[str, nn.Parameter]:
         """The targets as ``model`` holds them now, resolved again if a parameter was replaced.

@@ -39,6 +39,7 @@ __all__ = [
     "group_rms",
     "parse_groups",
     "penalty",
+    "penalty_reach",
     "resolve_penalty_params",
     "strength_factor",
     "weight_groups",
@@ -198,3 +199,49 @@ def resolve_penalty_params(
                     f"not divisible by {size}); leave it out through `{field}`."
                 )
     return chosen
+
+
+# Optimizers whose step divides by a running gradient scale: a parameter moves by about ``lr`` per
+# step at most, however large its gradient (Adam's |m / sqrt(v)| is about 1 for a gradient of
+# constant sign, which is what a penalty that dominates gives).
+ADAPTIVE_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.Adamax,
+    torch.optim.RMSprop,
+    torch.optim.Adagrad,
+)
+
+
+def penalty_reach(
+    optimizer: torch.optim.Optimizer,
+    params: Sequence[torch.Tensor],
+    steps: float,
+    strength: float,
+) -> float | None:
+    """How far the penalty can move one of ``params`` in ``steps`` optimizer steps, at most.
+
+    Adaptive optimizers (Adam and kin): ``lr * steps``, whatever the strength: the step is
+    normalised by the gradient's own scale. SGD: ``lr * strength * steps / (1 - momentum)``, the
+    penalty's own pull (its subgradient is ``strength`` per weight, in root mean square for group
+    lasso) with momentum's amplification. ``lr`` is the largest of the param groups holding
+    ``params``, as it is now (a schedule that decays it makes this an upper bound). None for other
+    optimizers or when no group holds them.
+    """
+    wanted = {id(p) for p in params}
+    rates = [
+        float(group["lr"])
+        for group in optimizer.param_groups
+        if any(id(p) in wanted for p in group["params"])
+    ]
+    if not rates:
+        return None
+    lr = max(rates)
+    if isinstance(optimizer, ADAPTIVE_OPTIMIZERS):
+        return lr * steps
+    if isinstance(optimizer, torch.optim.SGD):
+        momentum = max(float(g.get("momentum", 0.0)) for g in optimizer.param_groups)
+        return lr * strength * steps / (1.0 - momentum) if momentum < 1 else math.inf
+    return None

@@ -255,3 +255,49 @@ def test_penalty_follows_the_scales_a_channel_removal_replaces() -> None:
     before = model.bn2.weight.detach().clone()
     quiet_trainer(max_epochs=3, callbacks=[regularization]).fit(module, TinyData())
     assert (model.bn2.weight.detach() != before).all()
+
+
+def _bn_module(**kwargs: Any) -> ClassificationModule:
+    model = SmallCNN(in_channels=4, num_classes=4, width=4, input_size=4, batch_norm=True)
+    return ClassificationModule(model, num_classes=4, **kwargs)
+
+
+def test_a_penalty_phase_too_short_for_the_optimizer_is_warned_about() -> None:
+    # Adam at lr 1e-3 for 15 steps (epochs 0.5-2): no |gamma| can move more than ~0.015
+    torch.manual_seed(0)
+    module = _bn_module(lr=1e-3)
+    before = [
+        m.weight.detach().clone() for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)
+    ]
+    regularization = SparsityRegularization(penalty="bn_scale", strength=1e-2, start_epoch=0.5)
+    with pytest.warns(
+        UserWarning, match=r"in 15 optimizer steps \(epochs 0.5-2\) Adam .* at most 0.015"
+    ):
+        quiet_trainer(max_epochs=2, callbacks=[regularization]).fit(module, TinyData())
+    after = [m.weight.detach() for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    moved = max(float((a - b).abs().max()) for a, b in zip(after, before, strict=True))
+    assert 0 < moved <= 0.015 + 1e-6  # the bound the warning states holds
+
+
+def test_a_phase_long_enough_is_not_warned_about(recwarn: pytest.WarningsRecorder) -> None:
+    torch.manual_seed(0)
+    regularization = SparsityRegularization(penalty="bn_scale", strength=1e-2, start_epoch=0.5)
+    quiet_trainer(max_epochs=2, callbacks=[regularization]).fit(_bn_module(lr=0.1), TinyData())
+    assert not [w for w in recwarn if "cannot drive them" in str(w.message)]
+
+
+def test_penalty_reach_per_optimizer() -> None:
+    from lightning_sparse.core.regularization import penalty_reach
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    other = torch.nn.Parameter(torch.ones(3))
+    adam = torch.optim.Adam([{"params": [weight], "lr": 1e-3}, {"params": [other], "lr": 1.0}])
+    # Adam: lr per step whatever the strength, from the group that holds the weight
+    assert penalty_reach(adam, [weight], 100, strength=5.0) == pytest.approx(0.1)
+    sgd = torch.optim.SGD([weight], lr=0.1, momentum=0.9)
+    assert penalty_reach(sgd, [weight], 100, strength=1e-3) == pytest.approx(0.1)
+    assert penalty_reach(torch.optim.SGD([weight], lr=0.1), [weight], 100, 1e-3) == pytest.approx(
+        0.01
+    )
+    assert penalty_reach(torch.optim.LBFGS([weight]), [weight], 100, 1e-3) is None
+    assert penalty_reach(torch.optim.SGD([other], lr=0.1), [weight], 100, 1e-3) is None
