@@ -1,9 +1,11 @@
 """Network Slimming and the compression-aware search: docs/benchmarks.md sections.
 
 Slimming: ``recipe=slimming`` on ``SmallCNN`` with BatchNorm (``model.model.batch_norm=true``,
-width 32) against channel removal with the same schedule, the same MACs target (half of the
-dense model's) and no penalty, channels ranked by ``l1`` (the weights' magnitude: the channel
-recipe's default) or by ``bn_scale`` (|gamma| without having been penalised), over several seeds.
+width 32) against channel removal with the same schedule, the same MACs target (``--removal`` of
+the dense model's) and no penalty, channels ranked by ``l1`` (the weights' magnitude: the channel
+recipe's default) or by ``bn_scale`` (|gamma| without having been penalised), every layer keeping
+the same share or (``_global``, ``--slim-allocation global``) one ranking across layers, over
+several seeds.
 Whole ``python -m lightning_sparse.train`` runs: validation accuracy (the last validation pass),
 test accuracy and the MACs the export counts.
 
@@ -19,10 +21,11 @@ without the other (``--skip``). Run from the repository root::
 
     python scripts/benchmark_slimming.py                 # ~15 min on 2 busy CPU cores
     python scripts/benchmark_slimming.py --skip slimming --search-data mnist5k --trials 40 --jobs 2
-    # the issue's ResNet-18 comparison (about 1 h on 2 cores):
+    # the issue's ResNet-18 comparison (about 70 min on 2 cores; l1_global adds three runs):
     python scripts/benchmark_slimming.py --skip search --slim-model resnet18 --slim-data mnist5k
-        --epochs 5 --removal-epoch 3 --warmup 0.5 --strengths 1e-4 --baselines l1
-        --override model.lr_schedule=cosine --parallel 2
+        --epochs 7 --removal-epoch 5 --warmup 0.5 --removal 0.75 --strengths 1e-3
+        --slim-allocation global --baselines l1 --override model.lr=0.003
+        --override model.lr_schedule=cosine --parallel 6
     python scripts/benchmark_slimming.py --quick --output /tmp/benchmarks.md   # smoke run
 """
 
