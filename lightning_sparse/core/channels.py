@@ -397,116 +397,55 @@ def plan_removal(
         ValueError: an unknown ``allocation``, or ``max_group_sparsity`` outside [0, 1).
     """
     check_allocation(allocation, max_group_sparsity)
+    costs = layer_costs(model, example)
+    dense = dense_widths(groups, history)
+    channels_dense = sum(dense.values())
+    goal = (1.0 - sparsity) * (dense_macs if target == "macs" else channels_dense)
+
+    def reaches(keep: Mapping[str, int]) -> bool:
+        left = predict_macs(costs, groups, keep) if target == "macs" else sum(keep.values())
+        return left <= goal + 1e-6
+
     if allocation == "global":
-        return _plan_global(
-            model,
-            example,
-            groups,
-            sparsity=sparsity,
-            target=target,
-            importance=importance,
-            dense_macs=dense_macs,
-            history=history,
-            round_to=round_to,
-            taylor=taylor,
-            max_group_sparsity=max_group_sparsity,
-        )
-    costs = layer_costs(model, example)
-    dense = dense_widths(groups, history)
-    channels_dense = sum(dense.values())
-    macs_now = sum(cost.macs for cost in costs.values())
-
-    def remaining(ratio: float) -> float:
-        keep = keep_counts(groups, dense, ratio, round_to)
-        if target == "macs":
-            return predict_macs(costs, groups, keep)
-        return float(sum(keep.values()))
-
-    goal = (1.0 - sparsity) * (dense_macs if target == "macs" else channels_dense)
-    low, high = 0.0, 1.0
-    reached = remaining(high) <= goal + 1e-6
-    if not reached:
-        low = high
-    elif remaining(low) > goal + 1e-6:
-        # The smallest ratio that reaches the goal; keep counts are steps, so 40 halvings find
-        # the step's edge far below one channel.
-        for _ in range(40):
-            middle = (low + high) / 2
-            if remaining(middle) <= goal + 1e-6:
-                high = middle
-            else:
-                low = middle
-        low = high
-    ratio = low
-    keep = keep_counts(groups, dense, ratio, round_to)
-    removed = {
-        group.root: _lowest(
-            channel_scores(model, group, importance, taylor), group.channels - keep[group.root]
-        )
-        for group in groups
-    }
-    return ChannelPlan(
-        change=change_for(groups, removed),
-        ratio=ratio,
-        keep=keep,
-        macs_before=macs_now,
-        macs_after=predict_macs(costs, groups, keep),
-        channels_dense=channels_dense,
-        channels_after=sum(keep.values()),
-        reached=reached,
-    )
-
-
-def _plan_global(
-    model: nn.Module,
-    example: torch.Tensor,
-    groups: Sequence[ChannelGroup],
-    *,
-    sparsity: float,
-    target: str,
-    importance: str,
-    dense_macs: int,
-    history: Sequence[Mapping[str, Any]],
-    round_to: int,
-    taylor: Mapping[str, torch.Tensor] | None,
-    max_group_sparsity: float,
-) -> ChannelPlan:
-    """:func:`plan_removal` with one ranking of :func:`comparable_scores` across the groups."""
-    costs = layer_costs(model, example)
-    dense = dense_widths(groups, history)
-    channels_dense = sum(dense.values())
-    macs_now = sum(cost.macs for cost in costs.values())
-    scores = comparable_scores(model, groups, importance, taylor)
-    order = global_order(groups, dense, scores, max_group_sparsity)
-
-    def remaining(count: int) -> float:
-        keep = global_keep_counts(groups, order, count, round_to)
-        if target == "macs":
-            return predict_macs(costs, groups, keep)
-        return float(sum(keep.values()))
-
-    goal = (1.0 - sparsity) * (dense_macs if target == "macs" else channels_dense)
-    # What remains only falls as more of the order goes: bisect for the fewest channels that
-    # reach the goal (all of the order, each group at its floor, if none does).
-    reached = remaining(len(order)) <= goal + 1e-6
-    low, high = 0, len(order)
-    if reached:
-        while low < high:
+        scores = comparable_scores(model, groups, importance, taylor)
+        order = global_order(groups, dense, scores, max_group_sparsity)
+        reached = reaches(global_keep_counts(groups, order, len(order), round_to))
+        # What remains only falls as more of the order goes: bisect for the fewest channels
+        # that reach the goal (all of the order, each group at its floor, if none does).
+        low, high = 0, len(order)
+        while reached and low < high:
             middle = (low + high) // 2
-            if remaining(middle) <= goal + 1e-6:
+            if reaches(global_keep_counts(groups, order, middle, round_to)):
                 high = middle
             else:
                 low = middle + 1
-    keep = global_keep_counts(groups, order, high, round_to)
+        keep = global_keep_counts(groups, order, high, round_to)
+        ratio = 1.0 - sum(keep.values()) / channels_dense if channels_dense else 0.0
+    else:
+        scores = {g.root: channel_scores(model, g, importance, taylor) for g in groups}
+        ratio, reached = 1.0, reaches(keep_counts(groups, dense, 1.0, round_to))
+        if reached and not reaches(keep_counts(groups, dense, 0.0, round_to)):
+            # The smallest ratio that reaches the goal; keep counts are steps, so 40 halvings
+            # find the step's edge far below one channel.
+            short = 0.0  # a ratio that falls short of the goal
+            for _ in range(40):
+                between = (short + ratio) / 2
+                if reaches(keep_counts(groups, dense, between, round_to)):
+                    ratio = between
+                else:
+                    short = between
+        elif reached:
+            ratio = 0.0
+        keep = keep_counts(groups, dense, ratio, round_to)
     removed = {
         group.root: _lowest(scores[group.root], group.channels - keep[group.root])
         for group in groups
     }
     return ChannelPlan(
         change=change_for(groups, removed),
-        ratio=1.0 - sum(keep.values()) / channels_dense if channels_dense else 0.0,
+        ratio=ratio,
         keep=keep,
-        macs_before=macs_now,
+        macs_before=sum(cost.macs for cost in costs.values()),
         macs_after=predict_macs(costs, groups, keep),
         channels_dense=channels_dense,
         channels_after=sum(keep.values()),
