@@ -62,6 +62,7 @@ __all__ = [
     "fractional_epoch",
     "invalid_number",
     "is_number",
+    "smoke_run",
     "step_own_parameters",
     "steps_per_epoch",
     "to_plain",
@@ -164,7 +165,7 @@ class ScheduleLimit(NamedTuple):
     what: str
 
 
-def _smoke_run(trainer: pl.Trainer) -> bool:
+def smoke_run(trainer: pl.Trainer) -> bool:
     # `fast_dev_run` is set on the trainer at runtime but missing from its type annotations.
     return bool(vars(trainer).get("fast_dev_run"))
 
@@ -408,14 +409,14 @@ class CompressionCallback(Callback):
                     "from training_step."
                 )
             # fast_dev_run is a smoke test of a few batches: the schedule cannot fit and need not.
-            if not _smoke_run(trainer):
+            if not smoke_run(trainer):
                 self.check_schedule(trainer.max_epochs)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.max_steps >= 0 and not _smoke_run(trainer):
+        if trainer.max_steps >= 0 and not smoke_run(trainer):
             self.check_schedule(
-                None if _smoke_run(trainer) else trainer.max_epochs,
+                None if smoke_run(trainer) else trainer.max_epochs,
                 trainer.max_steps,
                 steps_per_epoch(trainer),
             )

@@ -23,6 +23,7 @@ from lightning_sparse.callbacks.base import (
     ScheduleLimit,
     fractional_epoch,
     is_number,
+    smoke_run,
     steps_per_epoch,
     to_plain,
 )
@@ -209,7 +210,7 @@ class SparsityRegularization(CompressionCallback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.optimizers and not vars(trainer).get("fast_dev_run"):
+        if trainer.optimizers and not smoke_run(trainer):
             self.warn_if_out_of_reach(trainer)
 
     def warn_if_out_of_reach(self, trainer: pl.Trainer) -> float | None:

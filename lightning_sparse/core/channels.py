@@ -178,10 +178,11 @@ def keep_counts(
 
 
 def _bn_count(model: nn.Module, group: ChannelGroup) -> int:
+    """The group's BatchNorms with a scale (what ``bn_scale`` sums over)."""
+    modules = [model.get_submodule(m.layer) for m in group.members]
     return sum(
-        isinstance(model.get_submodule(m.layer), _BatchNorm)
-        and isinstance(getattr(model.get_submodule(m.layer), "weight", None), torch.Tensor)
-        for m in group.members
+        isinstance(m, _BatchNorm) and isinstance(getattr(m, "weight", None), torch.Tensor)
+        for m in modules
     )
 
 

@@ -226,22 +226,18 @@ def penalty_reach(
     Adaptive optimizers (Adam and kin): ``lr * steps``, whatever the strength: the step is
     normalised by the gradient's own scale. SGD: ``lr * strength * steps / (1 - momentum)``, the
     penalty's own pull (its subgradient is ``strength`` per weight, in root mean square for group
-    lasso) with momentum's amplification. ``lr`` is the largest of the param groups holding
-    ``params``, as it is now (a schedule that decays it makes this an upper bound). None for other
-    optimizers or when no group holds them.
+    lasso) with momentum's amplification. ``lr`` and ``momentum``: the largest of the param
+    groups holding ``params``, as they are now (a schedule that decays the rate makes this an
+    upper bound). None for other optimizers or when no group holds them.
     """
     wanted = {id(p) for p in params}
-    rates = [
-        float(group["lr"])
-        for group in optimizer.param_groups
-        if any(id(p) in wanted for p in group["params"])
-    ]
-    if not rates:
+    holding = [g for g in optimizer.param_groups if any(id(p) in wanted for p in g["params"])]
+    if not holding:
         return None
-    lr = max(rates)
+    lr = max(float(g["lr"]) for g in holding)
     if isinstance(optimizer, ADAPTIVE_OPTIMIZERS):
         return lr * steps
     if isinstance(optimizer, torch.optim.SGD):
-        momentum = max(float(g.get("momentum", 0.0)) for g in optimizer.param_groups)
+        momentum = max(float(g.get("momentum", 0.0)) for g in holding)
         return lr * strength * steps / (1.0 - momentum) if momentum < 1 else math.inf
     return None
